@@ -1,0 +1,163 @@
+"""The ``relay`` command: a thin typer shell over :mod:`relay.server` and :mod:`relay.tls`."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import trio
+import typer
+
+from relay.config import RelayConfig
+from relay.errors import ConfigError
+from relay.logs import setup_logging
+
+app = typer.Typer(
+    help="WebTransport relay for browser virtual machines.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+cert_app = typer.Typer(help="Certificates for WebTransport hash pinning.", no_args_is_help=True)
+app.add_typer(cert_app, name="cert")
+
+log = logging.getLogger("relay")
+
+
+class LogFormatChoice(str, Enum):
+    text = "text"
+    json = "json"
+
+
+class LogLevel(str, Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"relay: error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+@app.command()
+def serve(
+    bind: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--bind", "-b", envvar="RELAY_BIND",
+            help="Address to listen on (repeatable). Default: :: (IPv6 and IPv4).",
+        ),
+    ] = None,
+    port: Annotated[int, typer.Option("--port", "-p", envvar="RELAY_PORT")] = 4433,
+    cert_pem: Annotated[
+        Path | None,
+        typer.Option(envvar="RELAY_CERT_PEM", help="Certificate chain (PEM). Default: self-signed."),
+    ] = None,
+    key_pem: Annotated[
+        Path | None, typer.Option(envvar="RELAY_KEY_PEM", help="Private key (PEM).")
+    ] = None,
+    cert_san: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="RELAY_CERT_SAN",
+            help="Extra DNS name or IP for the self-signed certificate (repeatable).",
+        ),
+    ] = None,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option(envvar="RELAY_HEARTBEAT_INTERVAL",
+                     help="Seconds between client heartbeats the relay expects."),
+    ] = 30.0,
+    peer_timeout: Annotated[
+        float,
+        typer.Option(envvar="RELAY_PEER_TIMEOUT",
+                     help="Close a session silent for this many seconds (client reconnects)."),
+    ] = 150.0,
+    data_dir: Annotated[
+        Path, typer.Option(envvar="RELAY_DATA_DIR", help="Directory for persistent state.")
+    ] = Path("relay-data"),
+    log_level: Annotated[LogLevel, typer.Option(envvar="RELAY_LOG_LEVEL")] = LogLevel.info,
+    log_format: Annotated[
+        LogFormatChoice, typer.Option(envvar="RELAY_LOG_FORMAT")
+    ] = LogFormatChoice.text,
+) -> None:
+    """Run the relay: WebTransport on UDP, one virtual LAN per path."""
+    setup_logging(log_level.value, log_format.value)
+    try:
+        config = RelayConfig(
+            binds=tuple(bind or ("::",)),
+            port=port,
+            cert_pem=cert_pem,
+            key_pem=key_pem,
+            cert_sans=tuple(cert_san or ()),
+            heartbeat_interval=heartbeat_interval,
+            peer_timeout=peer_timeout,
+            data_dir=data_dir,
+        )
+        trio.run(_serve_until_signal, config)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    except OSError as exc:
+        raise _fail(f"cannot listen: {exc.strerror or exc}") from None
+
+
+async def _serve_until_signal(config: RelayConfig) -> None:
+    from relay.server import serve as run_relay
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_relay, config)
+            async for signum in signals:
+                log.info("%s received; closing sessions", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+@cert_app.command("generate")
+def cert_generate(
+    out: Annotated[Path, typer.Option("--out", help="Directory for cert.pem and key.pem.")],
+    days: Annotated[
+        float, typer.Option("--days", help="Validity in days (at most 14 for hash pinning).")
+    ] = 13.0,
+    san: Annotated[
+        list[str] | None, typer.Option("--san", help="Extra DNS name or IP (repeatable).")
+    ] = None,
+) -> None:
+    """Write a self-signed ECDSA P-256 certificate and key; print the SHA-256 to pin."""
+    from relay.tls import generate_self_signed, write_identity
+
+    try:
+        identity = generate_self_signed(tuple(san or ()), days=days)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    cert_path, key_path = write_identity(identity, out)
+    typer.echo(f"Certificate: {cert_path}")
+    typer.echo(f"Key: {key_path}")
+    typer.echo(f"Valid until: {identity.not_after:%Y-%m-%d %H:%M} UTC")
+    typer.echo(f"Certificate SHA-256 Hash: {identity.hash_colon}")
+    typer.echo(f"Certificate SHA-256 Hash (hex): {identity.hash_hex}")
+
+
+@cert_app.command("hash")
+def cert_hash(file: Annotated[Path, typer.Argument(help="PEM certificate.")]) -> None:
+    """Print the SHA-256 of a certificate's DER encoding (what browsers pin)."""
+    from relay.tls import hash_of_pem_file
+
+    try:
+        typer.echo(hash_of_pem_file(file))
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

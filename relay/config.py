@@ -1,0 +1,53 @@
+"""The relay's settings, built by the CLI (or a test) and never changed afterwards."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from relay.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Everything ``relay serve`` can be told."""
+
+    binds: tuple[str, ...] = ("::",)
+    """Addresses to listen on; ``::`` is dual-stack (IPv6 and IPv4)."""
+    port: int = 4433
+    cert_pem: Path | None = None
+    key_pem: Path | None = None
+    cert_sans: tuple[str, ...] = ()
+    self_signed_days: float = 13.0
+    heartbeat_interval: float = 30.0
+    """How often clients are expected to send a Heartbeat (BAVY clients: every 15 s)."""
+    peer_timeout: float = 150.0
+    """A session silent this long is closed, so its client reconnects."""
+    registration_timeout: float = 30.0
+    data_dir: Path = field(default_factory=lambda: Path("relay-data"))
+    idle_timeout: float = 180.0
+    max_datagram_size: int = 1350
+    """QUIC packet size; 1200-1452 (Chromium drops larger packets)."""
+    max_connections: int = 4096
+    max_half_open: int = 256
+    retry_above: int = 32
+    always_retry: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.cert_pem is None) != (self.key_pem is None):
+            raise ConfigError("--cert-pem and --key-pem must be given together")
+        if not 1 <= self.port <= 65535 and self.port != 0:
+            raise ConfigError(f"port {self.port} is out of range")
+        if not 1200 <= self.max_datagram_size <= 1452:
+            raise ConfigError("max datagram size must be within 1200-1452")
+        if self.heartbeat_interval <= 0:
+            raise ConfigError("--heartbeat-interval must be positive")
+        if self.peer_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"--peer-timeout ({self.peer_timeout:g} s) must be at least twice "
+                f"--heartbeat-interval ({self.heartbeat_interval:g} s)"
+            )
+        if self.registration_timeout <= 0:
+            raise ConfigError("registration timeout must be positive")
+        if not self.binds:
+            raise ConfigError("at least one --bind address is needed")

@@ -1,0 +1,294 @@
+"""The QUIC endpoint: owns the UDP sockets and routes packets to connections by CID.
+
+Admission is where a relay on the open internet is attacked, so everything here is bounded:
+connections are created only for Initial packets of at least 1200 bytes with a supported
+version; half-open handshakes are capped, and above a threshold new clients must prove their
+address with a Retry round trip; the connection table has a hard cap. Version Negotiation is
+never sent in reply to a Version Negotiation packet. Every drop is counted.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import trio
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_retry,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+from aioquic.quic.retry import QuicRetryTokenHandler
+
+from relay.quic.connection import QuicPeer, SessionFactory, send_udp
+
+log = logging.getLogger("relay.quic")
+
+SMALLEST_INITIAL = 1200
+RECV_BUFFER = 8 * 1024 * 1024
+BATCH = 256
+"""Packets read per wake-up before connections process events and flush."""
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionLimits:
+    """Caps on connections; see security-and-operations §5.2."""
+
+    max_connections: int = 4096
+    max_half_open: int = 256
+    retry_above: int = 32
+    """Half-open handshakes beyond which new clients must answer a Retry first."""
+    always_retry: bool = False
+
+
+def open_udp_socket(host: str, port: int) -> socket.socket:
+    """A non-blocking UDP socket; ``::`` is dual-stack (IPv4-mapped) where possible."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if host == "::" else 1)
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, RECV_BUFFER)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Endpoint:
+    """UDP sockets in, QUIC connections out."""
+
+    def __init__(
+        self,
+        configuration: Callable[[], QuicConfiguration],
+        sessions: SessionFactory,
+        limits: AdmissionLimits | None = None,
+    ) -> None:
+        self._configuration = configuration
+        self._sessions = sessions
+        self.limits = limits or AdmissionLimits()
+        self._cids: dict[bytes, QuicPeer] = {}
+        self.peers: set[QuicPeer] = set()
+        self._retry = QuicRetryTokenHandler()
+        self.drops: Counter[str] = Counter()
+        self.handshakes_started = 0
+        self.retries_sent = 0
+        self.sockets: list[socket.socket] = []
+        self._nursery: trio.Nursery | None = None
+
+    # -- hooks for connections ------------------------------------------------------------
+
+    def add_cid(self, cid: bytes, peer: QuicPeer) -> None:
+        self._cids[cid] = peer
+
+    def remove_cid(self, cid: bytes) -> None:
+        self._cids.pop(cid, None)
+
+    def forget(self, peer: QuicPeer) -> None:
+        for cid in peer.cids:
+            if self._cids.get(cid) is peer:
+                del self._cids[cid]
+        peer.cids.clear()
+        self.peers.discard(peer)
+
+    @property
+    def half_open(self) -> int:
+        return sum(1 for p in self.peers if not p.handshake_complete)
+
+    # -- serving --------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        binds: Sequence[tuple[str, int]],
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on every bind address; report the bound addresses through ``task_status``."""
+        for host, port in binds:
+            try:
+                self.sockets.append(open_udp_socket(host, port))
+            except OSError as exc:
+                if host == "::" and exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL):
+                    log.warning("IPv6 unavailable (%s); listening on IPv4 only", exc.strerror)
+                    self.sockets.append(open_udp_socket("0.0.0.0", port))
+                else:
+                    for sock in self.sockets:
+                        sock.close()
+                    raise
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for sock in self.sockets:
+                    nursery.start_soon(self._receive_loop, sock)
+                task_status.started([s.getsockname()[:2] for s in self.sockets])
+        finally:
+            for sock in self.sockets:
+                sock.close()
+
+    def close_all(self, reason: str = "relay shutting down") -> None:
+        """Close every connection now (shutdown)."""
+        for peer in list(self.peers):
+            try:
+                peer.close(reason=reason)
+            except Exception:  # a broken connection must not stop the shutdown
+                log.exception("%s: error while closing", peer.label)
+
+    async def _receive_loop(self, sock: socket.socket) -> None:
+        dirty: dict[int, QuicPeer] = {}
+        receive = self._receive_one
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            try:
+                for _ in range(BATCH):
+                    data, addr = sock.recvfrom(65535)
+                    receive(sock, data, addr, now, dirty)
+            except BlockingIOError:
+                pass
+            except OSError as exc:  # e.g. ICMP errors surfacing on the socket
+                self.drops["udp_receive_error"] += 1
+                log.debug("recvfrom: %s", exc)
+            for peer in dirty.values():
+                try:
+                    peer.process_events()
+                    peer.flush()
+                except Exception:
+                    self._poisoned(peer)
+            dirty.clear()
+            await trio.lowlevel.checkpoint()
+
+    def _poisoned(self, peer: QuicPeer) -> None:
+        """A connection whose processing raised is closed, never the endpoint."""
+        self.drops["connection_error"] += 1
+        log.exception("%s: internal error; closing the connection", peer.label)
+        try:
+            peer.close(error_code=0x102, reason="internal error")
+        except Exception:
+            pass
+        self.forget(peer)
+
+    def _receive_one(
+        self,
+        sock: socket.socket,
+        data: bytes,
+        addr: NetworkAddress,
+        now: float,
+        dirty: dict[int, QuicPeer],
+    ) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=8)
+        except ValueError:
+            self.drops["bad_header"] += 1
+            return
+        peer = self._cids.get(header.destination_cid)
+        if peer is None:
+            peer = self._admit(sock, header, data, addr, now)
+            if peer is None:
+                return
+        try:
+            peer.receive(data, addr, now)
+        except Exception:
+            self._poisoned(peer)
+            return
+        dirty[id(peer)] = peer
+
+    def _admit(
+        self, sock: socket.socket, header: object, data: bytes, addr: NetworkAddress, now: float
+    ) -> QuicPeer | None:
+        from aioquic.quic.packet import QuicHeader
+
+        assert isinstance(header, QuicHeader)
+        if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
+            self.drops["version_negotiation"] += 1
+            return None
+        configuration = self._configuration()
+        if header.version is not None and header.version not in configuration.supported_versions:
+            if header.version == 0 or len(data) < SMALLEST_INITIAL:
+                self.drops["unsupported_version"] += 1
+                return None
+            send_udp(
+                sock,
+                encode_quic_version_negotiation(
+                    source_cid=header.destination_cid,
+                    destination_cid=header.source_cid,
+                    supported_versions=configuration.supported_versions,
+                ),
+                addr,
+                self.drops,
+            )
+            self.drops["unsupported_version"] += 1
+            return None
+        if header.packet_type != QuicPacketType.INITIAL:
+            self.drops["unknown_connection"] += 1
+            return None
+        if len(data) < SMALLEST_INITIAL:
+            self.drops["initial_too_small"] += 1
+            return None
+        limits = self.limits
+        if len(self.peers) >= limits.max_connections:
+            self.drops["connections_full"] += 1
+            return None
+        half_open = self.half_open
+        if half_open >= limits.max_half_open:
+            self.drops["half_open_full"] += 1
+            return None
+        original_dcid: bytes = header.destination_cid
+        retry_scid: bytes | None = None
+        if limits.always_retry or half_open >= limits.retry_above:
+            if not header.token:
+                retry_cid = os.urandom(8)
+                token = self._retry.create_token(
+                    address=addr,
+                    original_destination_connection_id=header.destination_cid,
+                    retry_source_connection_id=retry_cid,
+                    now=now,
+                )
+                send_udp(
+                    sock,
+                    encode_quic_retry(
+                        version=header.version,
+                        source_cid=retry_cid,
+                        destination_cid=header.source_cid,
+                        original_destination_cid=header.destination_cid,
+                        retry_token=token,
+                    ),
+                    addr,
+                    self.drops,
+                )
+                self.retries_sent += 1
+                return None
+            try:
+                original_dcid = self._retry.validate_token(
+                    address=addr, destination_cid=header.destination_cid, token=header.token,
+                    now=now,
+                )
+            except ValueError:
+                self.drops["bad_retry_token"] += 1
+                return None
+            retry_scid = header.destination_cid
+        quic = QuicConnection(
+            configuration=configuration,
+            original_destination_connection_id=original_dcid,
+            retry_source_connection_id=retry_scid,
+        )
+        peer = QuicPeer(quic, sock, addr, self, self._sessions, now)
+        for cid in (header.destination_cid, quic.host_cid):
+            peer.cids.add(cid)
+            self._cids[cid] = peer
+        self.peers.add(peer)
+        self.handshakes_started += 1
+        assert self._nursery is not None
+        self._nursery.start_soon(peer.run, name=f"quic {peer.label}")
+        return peer

@@ -1,0 +1,39 @@
+"""Datagram hand-off to aioquic shared by the relay's connections and the Python client."""
+
+from __future__ import annotations
+
+from aioquic.buffer import encode_uint_var
+from aioquic.h3.connection import H3Connection
+from aioquic.quic.connection import QuicConnection
+
+from relay.quic.datagram_queue import DatagramQueue
+
+AIOQUIC_PENDING = 4
+"""Datagrams handed to aioquic at once; the rest wait in our bounded queue."""
+
+# DATAGRAM frame: type (1) + length varint (2); short header: flags (1) + CID + packet
+# number (up to 4) + AEAD tag (16).
+_DATAGRAM_OVERHEAD = 1 + 2 + 1 + 4 + 16
+
+
+def max_datagram_payload(quic: QuicConnection, session_id: int) -> int:
+    """Largest H3 datagram payload that fits in one packet on ``quic`` right now.
+
+    aioquic never checks: a larger datagram would sit at the head of its queue for ever.
+    """
+    return (
+        quic._max_datagram_size
+        - _DATAGRAM_OVERHEAD
+        - len(quic._peer_cid.cid)
+        - len(encode_uint_var(session_id // 4))
+    )
+
+
+def feed_datagrams(quic: QuicConnection, h3: H3Connection, queue: DatagramQueue, now: float) -> None:
+    """Top aioquic's datagram FIFO up to a few entries from our bounded queue."""
+    pending = quic._datagrams_pending
+    while len(pending) < AIOQUIC_PENDING:
+        item = queue.pop(now)
+        if item is None:
+            return
+        h3.send_datagram(item[0], item[1])

@@ -1,0 +1,135 @@
+"""``serve``: wire the QUIC endpoint, sessions and LANs together and run until cancelled."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+import trio
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+
+from relay.config import RelayConfig
+from relay.lan.hub import Lans
+from relay.quic.connection import QuicPeer
+from relay.quic.endpoint import AdmissionLimits, Endpoint
+from relay.session.core import Timeouts
+from relay.session.service import BavySession
+from relay.tls import TlsIdentity, generate_self_signed, load_identity
+
+log = logging.getLogger("relay")
+
+MAX_PATH = 256
+
+
+def load_tls(config: RelayConfig) -> TlsIdentity:
+    """The configured PEM identity, or a fresh self-signed one."""
+    if config.cert_pem is not None and config.key_pem is not None:
+        identity = load_identity(config.cert_pem, config.key_pem)
+    else:
+        identity = generate_self_signed(config.cert_sans, days=config.self_signed_days)
+    for problem in identity.pinning_problems():
+        if identity.self_signed:
+            log.warning("certificate hash pinning will fail: %s", problem)
+    return identity
+
+
+def quic_configuration(config: RelayConfig, identity: TlsIdentity) -> QuicConfiguration:
+    quic = QuicConfiguration(
+        is_client=False,
+        alpn_protocols=H3_ALPN,
+        max_datagram_frame_size=65536,
+        idle_timeout=config.idle_timeout,
+        max_datagram_size=config.max_datagram_size,
+    )
+    quic.certificate = identity.certificate
+    quic.certificate_chain = list(identity.chain)
+    quic.private_key = identity.private_key
+    return quic
+
+
+@dataclass
+class Listening:
+    """What ``serve`` reports once it is ready."""
+
+    addresses: list[tuple[str, int]]
+    identity: TlsIdentity
+    relay: Relay
+
+
+class Relay:
+    """The running relay: its endpoint, its LANs, its certificate."""
+
+    def __init__(self, config: RelayConfig, identity: TlsIdentity, lans: Lans) -> None:
+        self.config = config
+        self.identity = identity
+        self.lans = lans
+        self.timeouts = Timeouts(
+            registration=config.registration_timeout, peer=config.peer_timeout
+        )
+        self._quic_config = quic_configuration(config, identity)
+        self.endpoint = Endpoint(
+            lambda: self._quic_config,
+            self.open_session,
+            AdmissionLimits(
+                max_connections=config.max_connections,
+                max_half_open=config.max_half_open,
+                retry_above=config.retry_above,
+                always_retry=config.always_retry,
+            ),
+        )
+
+    def open_session(
+        self, peer: QuicPeer, stream_id: int, path: str, now: float
+    ) -> BavySession | int:
+        """Accept a WebTransport CONNECT on any path; the path names the LAN."""
+        if len(path) > MAX_PATH or not path.startswith("/"):
+            return 400
+        hub = self.lans.get(path)
+        if hub is None:
+            return 503
+        log.info("%s: WebTransport session on %s (stream %d)", peer.label, path, stream_id)
+        return BavySession(peer, stream_id, hub, self.timeouts, now)
+
+
+def _url_host(host: str) -> str:
+    if host in ("::", "0.0.0.0"):
+        return "localhost"
+    return f"[{host}]" if ":" in host else host
+
+
+async def serve(
+    config: RelayConfig,
+    *,
+    out: TextIO | None = None,
+    task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the relay until cancelled; then close every session and connection."""
+    out = out or sys.stdout
+    identity = load_tls(config)
+    async with trio.open_nursery() as nursery:
+        lans = Lans(nursery)
+        relay = Relay(config, identity, lans)
+        try:
+            addresses = await nursery.start(
+                relay.endpoint.serve, [(host, config.port) for host in config.binds]
+            )
+            print(f"Certificate SHA-256 Hash: {identity.hash_colon}", file=out)
+            print(f"Certificate SHA-256 Hash (hex): {identity.hash_hex}", file=out)
+            print(
+                f"Certificate valid {identity.not_before:%Y-%m-%d %H:%M} to "
+                f"{identity.not_after:%Y-%m-%d %H:%M} UTC ({identity.source})",
+                file=out,
+            )
+            for host, port in addresses:
+                print(f"Listening on https://{_url_host(host)}:{port}/ (udp {host})", file=out)
+            out.flush()
+            task_status.started(Listening(addresses, identity, relay))
+            await trio.sleep_forever()
+        finally:
+            # Sessions get their close capsule and CONNECTION_CLOSE synchronously, so the
+            # browsers reconnect at once instead of waiting out an idle timeout.
+            relay.endpoint.close_all()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,1 @@
+"""One WebTransport session speaking the BAVY protocol: a sans-IO core and its trio driver."""

@@ -1,0 +1,126 @@
+"""The trio side of a BAVY session: glue between a WebTransport session, its sans-IO core and
+its LAN port.
+
+Inbound datagrams arrive synchronously from the connection (no task hop); frames leave for
+the hub over its bounded channel. Frames for the session come back over the port's own
+bounded channel and are drained in batches by :meth:`BavySession.run`, the one task this
+session owns.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from relay.lan.hub import Hub, Registration
+from relay.quic.connection import QuicPeer
+from relay.session.core import (
+    CloseReason,
+    FrameReceived,
+    Output,
+    RegisterRequested,
+    SendDatagram,
+    SessionProtocol,
+    Timeouts,
+)
+from relay.wire.messages import format_mac
+
+log = logging.getLogger("relay.session")
+
+
+class BavySession:
+    """One registered (or registering) VM."""
+
+    def __init__(
+        self, peer: QuicPeer, stream_id: int, hub: Hub, timeouts: Timeouts, now: float
+    ) -> None:
+        self.peer = peer
+        self.stream_id = stream_id
+        self.hub = hub
+        self.core = SessionProtocol(now, timeouts)
+        self.port = hub.attach(peer.remote_host, self._last_seen, self._superseded, now)
+        self.label = f"{peer.label}#{stream_id}"
+        self._cancel = trio.CancelScope()
+
+    def _last_seen(self) -> float:
+        return self.core.last_seen
+
+    # -- called by the connection ---------------------------------------------------------
+
+    def on_datagram(self, data: bytes, now: float) -> None:
+        outputs = self.core.receive_datagram(data, now)
+        if outputs:
+            self._apply(outputs, now)
+
+    def on_timer(self, now: float) -> None:
+        self._apply(self.core.handle_timer(now), now)
+
+    def deadline(self) -> float | None:
+        return self.core.next_deadline()
+
+    def on_closed(self) -> None:
+        """The WebTransport session is gone, whoever ended it."""
+        self.core.close(CloseReason.TRANSPORT_CLOSED)
+        self.hub.detach(self.port)
+        self._cancel.cancel()
+        mac = self.core.mac
+        log.info(
+            "%s: session closed (%s)%s",
+            self.label,
+            self.core.close_reason,
+            f" {format_mac(mac)}" if mac else "",
+        )
+
+    # -- outputs of the core --------------------------------------------------------------
+
+    def _apply(self, outputs: list[Output], now: float) -> None:
+        for output in outputs:
+            if isinstance(output, FrameReceived):
+                self.port.send_frame(output.frame)
+            elif isinstance(output, SendDatagram):
+                self.peer.queue_datagram(self.stream_id, output.payload)
+            elif isinstance(output, RegisterRequested):
+                self._register(output.mac, now)
+            else:
+                log.info("%s: closing: %s", self.label, output.reason)
+                self.peer.close_session(self.stream_id, reason=str(output.reason))
+
+    def _register(self, mac: bytes, now: float) -> None:
+        result = self.hub.register(self.port, mac, now)
+        if isinstance(result, Registration):
+            log.info(
+                "%s: registered %s as %s on %s",
+                self.label, format_mac(mac), result.assigned.ip, self.hub.name,
+            )
+            self._apply(self.core.accept_registration(result.assigned), now)
+        else:
+            reason = CloseReason.POOL_EXHAUSTED if result.pool_exhausted else CloseReason.REFUSED
+            self._apply(self.core.refuse_registration(result.message, reason), now)
+        self.peer.flush()
+
+    def _superseded(self) -> None:
+        now = trio.current_time()
+        self._apply(self.core.close(CloseReason.SUPERSEDED), now)
+        self.peer.flush()
+
+    # -- the session's task ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Carry frames from the hub to the client, a batch per wake-up."""
+        inbox = self.port.from_hub
+        peer, stream_id, encode = self.peer, self.stream_id, self.core.encode_frame
+        with self._cancel:
+            while True:
+                try:
+                    frame = await inbox.receive()
+                except (trio.EndOfChannel, trio.ClosedResourceError):
+                    return
+                while True:
+                    for payload in encode(frame):
+                        peer.queue_datagram(stream_id, payload)
+                    try:
+                        frame = inbox.receive_nowait()
+                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                        break
+                peer.flush()
