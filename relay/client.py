@@ -19,7 +19,7 @@ import math
 import os
 import socket
 import ssl
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -83,6 +83,7 @@ def random_mac() -> bytes:
 class ClientStats:
     datagrams_sent: int = 0
     datagrams_received: int = 0
+    chunks_received: int = 0
     heartbeat_acks: int = 0
 
 
@@ -109,12 +110,15 @@ class RelayClient:
         self.drops: Counter[str] = Counter()
         self.stats = ClientStats()
         self.assigned: Assigned | None = None
+        self.raw_controls: deque[bytes] = deque(maxlen=16)
+        """The last control datagrams exactly as received, for byte-level checks."""
         self.connected = trio.Event()
         self.closed = trio.Event()
         self.close_reason = ""
         self._connect_error: str | None = None
         self._timer_scope: trio.CancelScope | None = None
         self._cancel = trio.CancelScope()
+        self._pending_stream: int | None = None
 
     # -- public API -----------------------------------------------------------------------
 
@@ -234,21 +238,22 @@ class RelayClient:
             return False
         return True
 
+    def request_headers(self) -> list[tuple[bytes, bytes]]:
+        """The extended CONNECT that opens the session (what Chrome sends)."""
+        return [
+            (b":method", b"CONNECT"),
+            (b":protocol", b"webtransport"),
+            (b":scheme", b"https"),
+            (b":authority", self._authority.encode()),
+            (b":path", self._path.encode()),
+            (b"sec-webtransport-http3-draft02", b"1"),
+            (b"origin", b"https://" + self._authority.encode()),
+        ]
+
     def _open_session(self) -> None:
         assert self._h3 is not None
         stream_id = self._quic.get_next_available_stream_id()
-        self._h3.send_headers(
-            stream_id,
-            [
-                (b":method", b"CONNECT"),
-                (b":protocol", b"webtransport"),
-                (b":scheme", b"https"),
-                (b":authority", self._authority.encode()),
-                (b":path", self._path.encode()),
-                (b"sec-webtransport-http3-draft02", b"1"),
-                (b"origin", b"https://" + self._authority.encode()),
-            ],
-        )
+        self._h3.send_headers(stream_id, self.request_headers())
         self._pending_stream = stream_id
 
     def _h3_event(self, event: object) -> None:
@@ -279,9 +284,11 @@ class RelayClient:
         if isinstance(decoded, DataFrame):
             frame = decoded.frame
         elif isinstance(decoded, Chunk):
+            self.stats.chunks_received += 1
             frame = self._reassembler.add(decoded, trio.current_time())
         else:
             assert isinstance(decoded, Control)
+            self.raw_controls.append(data)
             if isinstance(decoded.message, HeartbeatAck):
                 self.stats.heartbeat_acks += 1
             try:
@@ -296,11 +303,15 @@ class RelayClient:
                 self.drops["frame_queue_full"] += 1
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
-        with self._cancel:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._timer_loop)
-                task_status.started()
-                await self._receive_loop()
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._timer_loop)
+                    task_status.started()
+                    await self._receive_loop()
+        finally:
+            self._finish(self.close_reason or "client stopped")
+            self._sock.close()
 
     async def _receive_loop(self) -> None:
         sock = self._sock
@@ -343,6 +354,7 @@ async def connect(
     cafile: str | None = None,
     timeout: float = 10.0,
     max_datagram_size: int = 1350,
+    client_class: type[RelayClient] = RelayClient,
 ) -> RelayClient:
     """Open a WebTransport session to ``url``; its tasks run in ``nursery``.
 
@@ -377,7 +389,7 @@ async def connect(
     addr = (str(sockaddr[0]), int(sockaddr[1]))
     quic = QuicConnection(configuration=config)
     authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    client = RelayClient(sock, quic, addr, path, authority, pinned)
+    client = client_class(sock, quic, addr, path, authority, pinned)
     quic.connect(addr, now=trio.current_time())
     await nursery.start(client._run)
     client._flush()
@@ -386,6 +398,5 @@ async def connect(
     if client.session_id is None:
         reason = client._connect_error or "timed out"
         await client.aclose(disconnect=False)
-        sock.close()
         raise ClientError(f"cannot open a WebTransport session to {url}: {reason}")
     return client

@@ -245,6 +245,15 @@ class QuicPeer:
         deadlines = [d for s in self.sessions.values() if (d := s.deadline()) is not None]
         self._app_deadline = min(deadlines, default=math.inf)
 
+    def deadline_moved_earlier(self, deadline: float) -> None:
+        """A session's deadline moved earlier than planned (e.g. registered: registration
+        timeout → peer timeout). Later moves need no call: the timer re-checks when it fires."""
+        if deadline < self._app_deadline:
+            self._app_deadline = deadline
+            scope = self._timer_scope
+            if scope is not None and deadline < scope.deadline:
+                scope.deadline = deadline
+
     # -- sessions -------------------------------------------------------------------------
 
     def close_session(self, stream_id: int, *, notify_peer: bool = True, code: int = 0,

@@ -52,6 +52,13 @@ class BavySession:
         outputs = self.core.receive_datagram(data, now)
         if outputs:
             self._apply(outputs, now)
+        elif self.core.reassembler.partial_count:
+            self._deadline_changed()
+
+    def _deadline_changed(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline is not None:
+            self.peer.deadline_moved_earlier(deadline)
 
     def on_timer(self, now: float) -> None:
         self._apply(self.core.handle_timer(now), now)
@@ -94,6 +101,7 @@ class BavySession:
                 self.label, format_mac(mac), result.assigned.ip, self.hub.name,
             )
             self._apply(self.core.accept_registration(result.assigned), now)
+            self._deadline_changed()
         else:
             reason = CloseReason.POOL_EXHAUSTED if result.pool_exhausted else CloseReason.REFUSED
             self._apply(self.core.refuse_registration(result.message, reason), now)

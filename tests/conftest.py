@@ -1,0 +1,61 @@
+"""Shared fixtures.
+
+Strict mode: CI sets ``RELAY_TEST_STRICT=1``; then a missing browser, tool or privilege that
+would skip a test fails it instead, so nothing CI is meant to run is silently skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any
+
+import pytest
+import trio
+
+from relay.config import RelayConfig
+from relay.server import Listening, serve
+
+STRICT = os.environ.get("RELAY_TEST_STRICT") == "1"
+
+
+def skip_or_fail(reason: str) -> None:
+    """Skip the test, or fail it in strict mode (CI)."""
+    if STRICT:
+        pytest.fail(f"strict mode (RELAY_TEST_STRICT=1): {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tool(name: str) -> str:
+    """Path of an executable the test needs."""
+    path = shutil.which(name)
+    if path is None:
+        skip_or_fail(f"{name} is not installed (scripts/test installs it)")
+        raise AssertionError("unreachable")
+    return path
+
+
+StartRelay = Callable[..., Awaitable[Listening]]
+
+
+@pytest.fixture
+def start_relay(nursery: trio.Nursery) -> StartRelay:
+    """Start an in-process relay on 127.0.0.1 (ephemeral port); keyword args override config."""
+
+    async def start(**overrides: Any) -> Listening:
+        settings: dict[str, Any] = {"binds": ("127.0.0.1",), "port": 0}
+        settings.update(overrides)
+        config = RelayConfig(**settings)
+        listening: Listening = await nursery.start(partial(serve, config, out=io.StringIO()))
+        return listening
+
+    return start
+
+
+def relay_url(listening: Listening, path: str = "/") -> str:
+    host, port = listening.addresses[0]
+    host = f"[{host}]" if ":" in host else host
+    return f"https://{host}:{port}{path}"

@@ -1,0 +1,262 @@
+"""The relay over real UDP sockets on loopback, with the Python client."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import trio
+
+from conftest import StartRelay, relay_url
+from relay.client import ClientError, RelayClient, connect, random_mac
+from relay.wire import encode_control
+from relay.wire.messages import Heartbeat, Register
+
+BROADCAST = b"\xff" * 6
+
+
+def frame(src: bytes, dst: bytes = BROADCAST, size: int = 64, fill: int = 0) -> bytes:
+    body = bytes((fill + i * 7) & 0xFF for i in range(size - 14))
+    return dst + src + b"\x88\xb5" + body
+
+
+async def open_pair(nursery: trio.Nursery, url: str, cert_hash: str) -> tuple[RelayClient, RelayClient]:
+    a = await connect(nursery, url, cert_hash=cert_hash)
+    b = await connect(nursery, url, cert_hash=cert_hash)
+    return a, b
+
+
+async def test_register_assigned_bytes_exactly_as_bavy_parses(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    client = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_colon)
+    mac = bytes([82, 84, 171, 205, 239, 1])
+    client.send_datagram(b'\x00{"type":"Register","mac":[82,84,171,205,239,1]}')
+    with trio.fail_after(5):
+        await client.receive_control()
+    assert client.raw_controls[-1] == (
+        b'\x00{"type":"Assigned","ip":[10,0,2,254],"gateway":[10,0,2,2],'
+        b'"netmask":[255,255,255,0],"dns":[8,8,8,8]}'
+    )
+    # A repeated Register re-sends the same Assigned.
+    client.send_control(Register(mac))
+    with trio.fail_after(5):
+        await client.receive_control()
+    assert client.raw_controls[-1] == client.raw_controls[-2]
+    await client.aclose()
+
+
+async def test_heartbeat_is_acknowledged(nursery: trio.Nursery, start_relay: StartRelay) -> None:
+    relay = await start_relay()
+    client = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
+    await client.register(random_mac())
+    client.send_control(Heartbeat())
+    with trio.fail_after(5):
+        await client.receive_control()
+    assert client.raw_controls[-1] == b'\x00{"type":"HeartbeatAck"}'
+    assert client.stats.heartbeat_acks == 1
+    await client.aclose()
+
+
+async def test_wrong_certificate_hash_is_refused(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    with pytest.raises(ClientError, match="pinned hash"):
+        await connect(nursery, relay_url(relay), cert_hash="00" * 32, timeout=5)
+
+
+async def test_frames_flood_to_other_sessions_of_the_same_path_only(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    h = relay.identity.hash_hex
+    a, b = await open_pair(nursery, relay_url(relay, "/lan/one"), h)
+    other = await connect(nursery, relay_url(relay, "/lan/two"), cert_hash=h)
+    mac_a, mac_b = random_mac(), random_mac()
+    await a.register(mac_a)
+    await b.register(mac_b)
+    await other.register(random_mac())
+    sent = frame(mac_a, fill=1)
+    a.send_frame(sent)
+    with trio.fail_after(5):
+        assert await b.receive_frame() == sent
+    reply = frame(mac_b, dst=mac_a, fill=2)
+    b.send_frame(reply)
+    with trio.fail_after(5):
+        assert await a.receive_frame() == reply
+    # Nothing crossed to the other LAN, and nothing echoed back to the sender.
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(trio.WouldBlock):
+        other.frames.receive_nowait()
+    with pytest.raises(trio.WouldBlock):
+        a.frames.receive_nowait()
+    assert relay.relay.lans.hubs["/lan/one"].frames_forwarded == 2
+    for c in (a, b, other):
+        await c.aclose()
+
+
+async def test_full_size_frame_crosses_chunked_both_ways(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    a, b = await open_pair(nursery, relay_url(relay), relay.identity.hash_hex)
+    mac_a, mac_b = random_mac(), random_mac()
+    await a.register(mac_a)
+    await b.register(mac_b)
+    big_ab = frame(mac_a, dst=mac_b, size=1514, fill=3)
+    big_ba = frame(mac_b, dst=mac_a, size=1514, fill=4)
+    a.send_frame(big_ab)
+    b.send_frame(big_ba)
+    with trio.fail_after(5):
+        assert await b.receive_frame() == big_ab
+        assert await a.receive_frame() == big_ba
+    assert a.stats.chunks_received == 2 and b.stats.chunks_received == 2
+    await a.aclose()
+    await b.aclose()
+
+
+async def test_peer_timeout_closes_the_session_so_the_client_reconnects(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(peer_timeout=1.0, heartbeat_interval=0.5)
+    client = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
+    mac = random_mac()
+    first = await client.register(mac)
+    hub = relay.relay.lans.hubs["/"]
+    assert hub.owners.owner(mac) is not None
+    with trio.fail_after(5):
+        await client.closed.wait()  # silent client: QUIC stays up, the session does not
+    assert client.close_reason == "session closed by relay"
+    assert hub.owners.owner(mac) is None
+    again = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
+    assert (await again.register(mac)).ip == first.ip
+    await again.aclose()
+
+
+async def test_registration_timeout_closes(nursery: trio.Nursery, start_relay: StartRelay) -> None:
+    relay = await start_relay(registration_timeout=0.5)
+    client = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
+    with trio.fail_after(5):
+        await client.closed.wait()
+    assert client.close_reason == "session closed by relay"
+
+
+async def test_reconnect_same_mac_same_ip_and_old_cleanup_spares_the_new_session(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    h, url = relay.identity.hash_hex, relay_url(relay)
+    mac = random_mac()
+    old = await connect(nursery, url, cert_hash=h)
+    first = await old.register(mac)
+    new = await connect(nursery, url, cert_hash=h)
+    assert (await new.register(mac)).ip == first.ip  # same host: the new session takes over
+    with trio.fail_after(5):
+        await old.closed.wait()  # the superseded session is closed, not left dangling
+    # The new session still owns the MAC and still gets frames after the old one's cleanup.
+    hub = relay.relay.lans.hubs["/"]
+    owner = hub.owners.owner(mac)
+    assert owner is not None and owner.mac == mac
+    peer = await connect(nursery, url, cert_hash=h)
+    peer_mac = random_mac()
+    await peer.register(peer_mac)
+    sent = frame(peer_mac, dst=mac, fill=9)
+    peer.send_frame(sent)
+    with trio.fail_after(5):
+        assert await new.receive_frame() == sent
+    await new.aclose()
+    await peer.aclose()
+
+
+async def test_oversized_datagram_never_stalls_later_ones(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    a, b = await open_pair(nursery, relay_url(relay), relay.identity.hash_hex)
+    mac_a, mac_b = random_mac(), random_mac()
+    await a.register(mac_a)
+    await b.register(mac_b)
+    # Relay side: push a datagram larger than any packet straight into b's connection.
+    (peer,) = [p for p in relay.relay.endpoint.peers if p.sessions and p is not None
+               and any(s.core.mac == mac_b for s in p.sessions.values())]  # type: ignore[attr-defined]
+    (stream_id,) = peer.sessions
+    peer.queue_datagram(stream_id, b"\x01" + bytes(1400))
+    peer.flush()
+    assert peer.queue.drops["oversized"] == 1
+    # Client side: the same from a, then ordinary frames still flow both ways.
+    a.send_datagram(b"\x01" + bytes(1400))
+    assert a._queue.drops["oversized"] == 1
+    for i in range(20):
+        a.send_frame(frame(mac_a, dst=mac_b, fill=i))
+    with trio.fail_after(5):
+        got = [await b.receive_frame() for _ in range(20)]
+    assert got == [frame(mac_a, dst=mac_b, fill=i) for i in range(20)]
+    await a.aclose()
+    await b.aclose()
+
+
+class GetClient(RelayClient):
+    def request_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(k, v) for k, v in super().request_headers() if k != b":protocol"][:0] + [
+            (b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"localhost"),
+            (b":path", b"/"),
+        ]
+
+
+class PlainConnectClient(RelayClient):
+    def request_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(k, v) for k, v in super().request_headers() if k != b":protocol"]
+
+
+@pytest.mark.parametrize(("client_class", "status"), [(GetClient, 405), (PlainConnectClient, 400)])
+async def test_other_requests_get_a_4xx(
+    nursery: trio.Nursery, start_relay: StartRelay, client_class: type[RelayClient], status: int
+) -> None:
+    relay = await start_relay()
+    with pytest.raises(ClientError, match=f"HTTP {status}"):
+        await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex,
+                      client_class=client_class, timeout=5)
+
+
+def junk_initial(size: int = 1200) -> bytes:
+    """A long-header QUIC v1 Initial with random contents: parses, never decrypts."""
+    dcid, scid = os.urandom(8), os.urandom(8)
+    header = b"\xc3" + (1).to_bytes(4, "big") + b"\x08" + dcid + b"\x08" + scid + b"\x00"
+    length = size - len(header) - 2
+    return header + (0x4000 | length).to_bytes(2, "big") + os.urandom(length)
+
+
+async def test_junk_initial_flood_is_capped_and_answered_with_retry(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(retry_above=4, max_half_open=8)
+    endpoint = relay.relay.endpoint
+    host, port = relay.addresses[0]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0)
+        for _ in range(300):
+            try:
+                sock.sendto(junk_initial(), (host, port))
+            except BlockingIOError:
+                await trio.sleep(0)
+            await trio.sleep(0)
+        await trio.testing.wait_all_tasks_blocked()
+        # Half-open state stops growing at the Retry threshold; the rest got stateless Retries.
+        assert len(endpoint.peers) <= 4
+        assert endpoint.retries_sent > 0
+        assert sum(1 for _ in range(64) if _recv_nowait(sock)) > 0
+    # A real client still gets in (aioquic's client follows the Retry).
+    client = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
+    assert (await client.register(random_mac())).ip.packed[:3] == bytes([10, 0, 2])
+    await client.aclose()
+
+
+def _recv_nowait(sock: socket.socket) -> bool:
+    try:
+        sock.recv(2048)
+    except BlockingIOError:
+        return False
+    return True
