@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
-from enum import Enum
+from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +15,8 @@ import typer
 from relay.config import RelayConfig
 from relay.errors import ConfigError
 from relay.logs import setup_logging
+from relay.server import load_tls
+from relay.tls import TlsIdentity
 
 app = typer.Typer(
     help="WebTransport relay for browser virtual machines.",
@@ -28,12 +30,12 @@ app.add_typer(cert_app, name="cert")
 log = logging.getLogger("relay")
 
 
-class LogFormatChoice(str, Enum):
+class LogFormatChoice(StrEnum):
     text = "text"
     json = "json"
 
 
-class LogLevel(str, Enum):
+class LogLevel(StrEnum):
     debug = "debug"
     info = "info"
     warning = "warning"
@@ -50,14 +52,18 @@ def serve(
     bind: Annotated[
         list[str] | None,
         typer.Option(
-            "--bind", "-b", envvar="RELAY_BIND",
+            "--bind",
+            "-b",
+            envvar="RELAY_BIND",
             help="Address to listen on (repeatable). Default: :: (IPv6 and IPv4).",
         ),
     ] = None,
     port: Annotated[int, typer.Option("--port", "-p", envvar="RELAY_PORT")] = 4433,
     cert_pem: Annotated[
         Path | None,
-        typer.Option(envvar="RELAY_CERT_PEM", help="Certificate chain (PEM). Default: self-signed."),
+        typer.Option(
+            envvar="RELAY_CERT_PEM", help="Certificate chain (PEM). Default: self-signed."
+        ),
     ] = None,
     key_pem: Annotated[
         Path | None, typer.Option(envvar="RELAY_KEY_PEM", help="Private key (PEM).")
@@ -71,13 +77,17 @@ def serve(
     ] = None,
     heartbeat_interval: Annotated[
         float,
-        typer.Option(envvar="RELAY_HEARTBEAT_INTERVAL",
-                     help="Seconds between client heartbeats the relay expects."),
+        typer.Option(
+            envvar="RELAY_HEARTBEAT_INTERVAL",
+            help="Seconds between client heartbeats the relay expects.",
+        ),
     ] = 30.0,
     peer_timeout: Annotated[
         float,
-        typer.Option(envvar="RELAY_PEER_TIMEOUT",
-                     help="Close a session silent for this many seconds (client reconnects)."),
+        typer.Option(
+            envvar="RELAY_PEER_TIMEOUT",
+            help="Close a session silent for this many seconds (client reconnects).",
+        ),
     ] = 150.0,
     data_dir: Annotated[
         Path, typer.Option(envvar="RELAY_DATA_DIR", help="Directory for persistent state.")
@@ -100,19 +110,41 @@ def serve(
             peer_timeout=peer_timeout,
             data_dir=data_dir,
         )
-        trio.run(_serve_until_signal, config)
+        identity = load_tls(config)
+        trio.run(_serve_until_signal, config, identity)
     except ConfigError as exc:
         raise _fail(str(exc)) from None
     except OSError as exc:
         raise _fail(f"cannot listen: {exc.strerror or exc}") from None
+    except BaseExceptionGroup as group:
+        leaf = _operator_error(group)
+        if leaf is None:
+            raise
+        raise _fail(
+            str(leaf)
+            if isinstance(leaf, ConfigError)
+            else f"cannot listen: {leaf.strerror or leaf}"
+        ) from None
 
 
-async def _serve_until_signal(config: RelayConfig) -> None:
+def _operator_error(group: BaseExceptionGroup[BaseException]) -> ConfigError | OSError | None:
+    """The one configuration or socket error a start-up failure boils down to, if any."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _operator_error(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, ConfigError | OSError):
+            return exc
+    return None
+
+
+async def _serve_until_signal(config: RelayConfig, identity: TlsIdentity) -> None:
     from relay.server import serve as run_relay
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_relay, config)
+            await nursery.start(partial(run_relay, config, identity=identity))
             async for signum in signals:
                 log.info("%s received; closing sessions", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
@@ -157,7 +189,3 @@ def cert_hash(file: Annotated[Path, typer.Argument(help="PEM certificate.")]) ->
 
 def main() -> None:
     app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -91,8 +91,13 @@ class RelayClient:
     """One WebTransport session to the relay. Create it with :func:`connect`."""
 
     def __init__(
-        self, sock: socket.socket, quic: QuicConnection, addr: tuple[str, int], path: str,
-        authority: str, cert_hash: bytes | None,
+        self,
+        sock: socket.socket,
+        quic: QuicConnection,
+        addr: tuple[str, int],
+        path: str,
+        authority: str,
+        cert_hash: bytes | None,
     ) -> None:
         self._sock = sock
         self._quic = quic
@@ -130,8 +135,9 @@ class RelayClient:
         """Send one raw datagram payload (type byte included); never blocks."""
         if self.session_id is None or self.closed.is_set():
             raise ClientError("session is not open")
-        if self._queue.push(self.session_id, payload, trio.current_time(),
-                            self.max_datagram_payload):
+        if self._queue.push(
+            self.session_id, payload, trio.current_time(), self.max_datagram_payload
+        ):
             self.stats.datagrams_sent += 1
         self._flush()
 
@@ -143,17 +149,19 @@ class RelayClient:
         for payload in encode_frame(frame, self._chunk_ids):
             self.send_datagram(payload)
 
-    async def register(self, mac: bytes, timeout: float = 10.0) -> Assigned:
-        """Register ``mac`` and wait for the relay's Assigned (or Error)."""
+    async def register(self, mac: bytes) -> Assigned:
+        """Register ``mac`` and wait for the relay's Assigned (or Error).
+
+        Like the BAVY clients it does not resend Register: wrap it in ``trio.fail_after``.
+        """
         self.send_control(Register(mac))
-        with trio.fail_after(timeout):
-            while True:
-                message = await self.receive_control()
-                if isinstance(message, Assigned):
-                    self.assigned = message
-                    return message
-                if isinstance(message, Error):
-                    raise ClientError(f"relay refused registration: {message.message}")
+        while True:
+            message = await self.receive_control()
+            if isinstance(message, Assigned):
+                self.assigned = message
+                return message
+            if isinstance(message, Error):
+                raise ClientError(f"relay refused registration: {message.message}")
 
     async def receive_control(self) -> ControlMessage:
         try:
@@ -269,9 +277,12 @@ class RelayClient:
                 else:
                     self._connect_error = f"relay answered HTTP {status.decode()}"
                     self._finish(self._connect_error)
-        elif isinstance(event, DataReceived):
-            if event.stream_id == self.session_id and event.stream_ended:
-                self._finish("session closed by relay")
+        elif (
+            isinstance(event, DataReceived)
+            and event.stream_id == self.session_id
+            and event.stream_ended
+        ):
+            self._finish("session closed by relay")
 
     def _datagram(self, data: bytes) -> None:
         self.stats.datagrams_received += 1
@@ -352,7 +363,7 @@ async def connect(
     *,
     cert_hash: str | None = None,
     cafile: str | None = None,
-    timeout: float = 10.0,
+    handshake_timeout: float = 10.0,
     max_datagram_size: int = 1350,
     client_class: type[RelayClient] = RelayClient,
 ) -> RelayClient:
@@ -393,7 +404,7 @@ async def connect(
     quic.connect(addr, now=trio.current_time())
     await nursery.start(client._run)
     client._flush()
-    with trio.move_on_after(timeout):
+    with trio.move_on_after(handshake_timeout):
         await client.connected.wait()
     if client.session_id is None:
         reason = client._connect_error or "timed out"

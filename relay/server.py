@@ -66,9 +66,7 @@ class Relay:
         self.config = config
         self.identity = identity
         self.lans = lans
-        self.timeouts = Timeouts(
-            registration=config.registration_timeout, peer=config.peer_timeout
-        )
+        self.timeouts = Timeouts(registration=config.registration_timeout, peer=config.peer_timeout)
         self._quic_config = quic_configuration(config, identity)
         self.endpoint = Endpoint(
             lambda: self._quic_config,
@@ -103,12 +101,13 @@ def _url_host(host: str) -> str:
 async def serve(
     config: RelayConfig,
     *,
+    identity: TlsIdentity | None = None,
     out: TextIO | None = None,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the relay until cancelled; then close every session and connection."""
     out = out or sys.stdout
-    identity = load_tls(config)
+    identity = identity or load_tls(config)
     async with trio.open_nursery() as nursery:
         lans = Lans(nursery)
         relay = Relay(config, identity, lans)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, ed448, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from relay.errors import CertificateError
@@ -26,7 +26,10 @@ DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 BACKDATE = datetime.timedelta(hours=1)
 
 PrivateKey = (
-    ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey | ed448.Ed448PrivateKey
+    ec.EllipticCurvePrivateKey
+    | rsa.RSAPrivateKey
+    | ed25519.Ed25519PrivateKey
+    | ed448.Ed448PrivateKey
 )
 
 
@@ -140,7 +143,9 @@ def load_identity(
         raise CertificateError(f"cannot load private key from {key_pem}: {exc}") from None
     if not isinstance(
         key,
-        ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
+        ec.EllipticCurvePrivateKey
+        | rsa.RSAPrivateKey
+        | ed25519.Ed25519PrivateKey
         | ed448.Ed448PrivateKey,
     ):
         raise CertificateError(f"unsupported private key type in {key_pem}")

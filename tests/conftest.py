@@ -59,3 +59,13 @@ def relay_url(listening: Listening, path: str = "/") -> str:
     host, port = listening.addresses[0]
     host = f"[{host}]" if ":" in host else host
     return f"https://{host}:{port}{path}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """In strict mode a skip of any kind is a failure: CI must run everything it lists."""
+    outcome = yield
+    report = outcome.get_result()
+    if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped in strict mode (RELAY_TEST_STRICT=1): {report.longrepr}"

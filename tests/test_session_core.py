@@ -23,7 +23,9 @@ from relay.wire.messages import Disconnect, Heartbeat, Register
 
 MAC = bytes([0x52, 0x54, 0xAB, 0xCD, 0xEF, 0x01])
 ASSIGNED = Assigned(
-    IPv4Address("10.0.2.254"), IPv4Address("10.0.2.2"), IPv4Address("255.255.255.0"),
+    IPv4Address("10.0.2.254"),
+    IPv4Address("10.0.2.2"),
+    IPv4Address("255.255.255.0"),
     IPv4Address("8.8.8.8"),
 )
 FRAME = b"\xff" * 6 + MAC + b"\x08\x06" + bytes(28)
@@ -136,5 +138,7 @@ def test_arbitrary_datagrams_never_crash_a_session(stream: list[tuple[bytes, flo
     for data, step in stream:
         now += step
         for out in s.receive_datagram(data, now) + s.handle_timer(now):
-            assert isinstance(out, SendDatagram | FrameReceived | RegisterRequested | CloseRequested)
+            assert isinstance(
+                out, SendDatagram | FrameReceived | RegisterRequested | CloseRequested
+            )
     assert s.reassembler.partial_count <= s.reassembler.limits.max_partial

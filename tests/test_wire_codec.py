@@ -64,7 +64,9 @@ def test_assigned_is_found_the_way_the_clients_search_for_it() -> None:
 
 
 def test_client_messages_decode_leniently_like_serde() -> None:
-    decoded = decode_datagram_untrusted(b'\x00{ "mac" : [82,84,0,0,0,1], "type": "Register", "x": 1}')
+    decoded = decode_datagram_untrusted(
+        b'\x00{ "mac" : [82,84,0,0,0,1], "type": "Register", "x": 1}'
+    )
     assert decoded == Control(Register(bytes([82, 84, 0, 0, 0, 1])))
     assert decode_datagram_untrusted(b'\x00{"type":"Heartbeat"}') == Control(Heartbeat())
     assert decode_datagram_untrusted(b'\x00{"type":"Disconnect"}') == Control(Disconnect())
@@ -105,7 +107,9 @@ def test_arbitrary_bytes_raise_only_bad_datagram(data: bytes) -> None:
 
 
 @given(st.sampled_from([0, 1, 2]), st.binary(max_size=1600))
-def test_arbitrary_bodies_after_a_valid_type_raise_only_bad_datagram(kind: int, body: bytes) -> None:
+def test_arbitrary_bodies_after_a_valid_type_raise_only_bad_datagram(
+    kind: int, body: bytes
+) -> None:
     try:
         decode_datagram_untrusted(bytes([kind]) + body)
     except BadDatagram:

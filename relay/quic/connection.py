@@ -38,8 +38,8 @@ from aioquic.quic.events import (
 )
 
 from relay.quic.datagram_queue import DatagramQueue
-from relay.quic.pump import feed_datagrams, max_datagram_payload
 from relay.quic.h3 import MAX_SESSIONS_PER_CONNECTION, RelayH3Connection
+from relay.quic.pump import feed_datagrams, max_datagram_payload
 
 log = logging.getLogger("relay.quic")
 
@@ -50,7 +50,6 @@ HANDSHAKE_TIMEOUT = 10.0
 CLOSE_GRACE = 1.0
 """After the last session ends, seconds to let its close capsule arrive before closing QUIC."""
 CLOSE_WEBTRANSPORT_SESSION = 0x2843
-
 
 
 class WebTransportSession(Protocol):
@@ -133,24 +132,24 @@ class QuicPeer:
         """Drain aioquic's events into H3 and the sessions."""
         quic = self.quic
         while (event := quic.next_event()) is not None:
-            kind = type(event)
-            if kind is ConnectionIdIssued:
+            if isinstance(event, ConnectionIdIssued):
                 self.cids.add(event.connection_id)
                 self.endpoint.add_cid(event.connection_id, self)
-            elif kind is ConnectionIdRetired:
+            elif isinstance(event, ConnectionIdRetired):
                 self.cids.discard(event.connection_id)
                 self.endpoint.remove_cid(event.connection_id)
-            elif kind is ConnectionTerminated:
+            elif isinstance(event, ConnectionTerminated):
                 self._terminated(event)
                 return
-            elif kind is ProtocolNegotiated:
+            elif isinstance(event, ProtocolNegotiated):
                 if event.alpn_protocol == "h3" and self.h3 is None:
                     self.h3 = RelayH3Connection(quic, enable_webtransport=True)
-            elif kind is HandshakeCompleted:
+            elif isinstance(event, HandshakeCompleted):
                 self.handshake_complete = True
-            elif kind is StreamReset or kind is StopSendingReceived:
-                if event.stream_id in self.sessions:
-                    self.close_session(event.stream_id, notify_peer=False)
+            elif isinstance(event, StreamReset | StopSendingReceived) and (
+                event.stream_id in self.sessions
+            ):
+                self.close_session(event.stream_id, notify_peer=False)
             h3 = self.h3
             if h3 is not None:
                 for h3_event in h3.handle_event(event):
@@ -256,8 +255,9 @@ class QuicPeer:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def close_session(self, stream_id: int, *, notify_peer: bool = True, code: int = 0,
-                      reason: str = "") -> None:
+    def close_session(
+        self, stream_id: int, *, notify_peer: bool = True, code: int = 0, reason: str = ""
+    ) -> None:
         """End a WebTransport session; close QUIC shortly after the last one."""
         session = self.sessions.pop(stream_id, None)
         if session is None:
@@ -289,8 +289,9 @@ class QuicPeer:
         if self.terminated:
             return
         self.terminated = True
-        log.debug("%s: connection closed: 0x%x %s", self.label, event.error_code,
-                  event.reason_phrase)
+        log.debug(
+            "%s: connection closed: 0x%x %s", self.label, event.error_code, event.reason_phrase
+        )
         for stream_id in list(self.sessions):
             self.close_session(stream_id, notify_peer=False)
         self.endpoint.forget(self)
@@ -345,4 +346,3 @@ class QuicPeer:
                 self._rearm_app_deadline()
             self.process_events()
             self.flush()
-

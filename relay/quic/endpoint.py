@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
-from aioquic.buffer import Buffer
+from aioquic._buffer import Buffer
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import (
+    QuicHeader,
     QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
@@ -175,8 +176,8 @@ class Endpoint:
         log.exception("%s: internal error; closing the connection", peer.label)
         try:
             peer.close(error_code=0x102, reason="internal error")
-        except Exception:
-            pass
+        except Exception:  # it is broken already; forgetting it is all that is left
+            log.debug("%s: close failed too", peer.label)
         self.forget(peer)
 
     def _receive_one(
@@ -205,11 +206,13 @@ class Endpoint:
         dirty[id(peer)] = peer
 
     def _admit(
-        self, sock: socket.socket, header: object, data: bytes, addr: NetworkAddress, now: float
+        self,
+        sock: socket.socket,
+        header: QuicHeader,
+        data: bytes,
+        addr: NetworkAddress,
+        now: float,
     ) -> QuicPeer | None:
-        from aioquic.quic.packet import QuicHeader
-
-        assert isinstance(header, QuicHeader)
         if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
             self.drops["version_negotiation"] += 1
             return None
@@ -246,6 +249,9 @@ class Endpoint:
             return None
         original_dcid: bytes = header.destination_cid
         retry_scid: bytes | None = None
+        if header.version is None:  # not a long header: cannot be an Initial
+            self.drops["unknown_connection"] += 1
+            return None
         if limits.always_retry or half_open >= limits.retry_above:
             if not header.token:
                 retry_cid = os.urandom(8)
@@ -271,7 +277,9 @@ class Endpoint:
                 return None
             try:
                 original_dcid = self._retry.validate_token(
-                    address=addr, destination_cid=header.destination_cid, token=header.token,
+                    address=addr,
+                    destination_cid=header.destination_cid,
+                    token=header.token,
                     now=now,
                 )
             except ValueError:

@@ -29,7 +29,9 @@ def max_datagram_payload(quic: QuicConnection, session_id: int) -> int:
     )
 
 
-def feed_datagrams(quic: QuicConnection, h3: H3Connection, queue: DatagramQueue, now: float) -> None:
+def feed_datagrams(
+    quic: QuicConnection, h3: H3Connection, queue: DatagramQueue, now: float
+) -> None:
     """Top aioquic's datagram FIFO up to a few entries from our bounded queue."""
     pending = quic._datagrams_pending
     while len(pending) < AIOQUIC_PENDING:

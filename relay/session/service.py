@@ -98,7 +98,10 @@ class BavySession:
         if isinstance(result, Registration):
             log.info(
                 "%s: registered %s as %s on %s",
-                self.label, format_mac(mac), result.assigned.ip, self.hub.name,
+                self.label,
+                format_mac(mac),
+                result.assigned.ip,
+                self.hub.name,
             )
             self._apply(self.core.accept_registration(result.assigned), now)
             self._deadline_changed()

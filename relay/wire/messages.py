@@ -113,7 +113,9 @@ def _octets_untrusted(value: object, count: int, field: str) -> bytes:
         or len(value) != count
         or not all(type(v) is int and 0 <= v <= 255 for v in value)
     ):
-        raise BadDatagram(f"{field} must be an array of {count} integers 0-255", reason="bad_control")
+        raise BadDatagram(
+            f"{field} must be an array of {count} integers 0-255", reason="bad_control"
+        )
     return bytes(value)
 
 

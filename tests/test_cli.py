@@ -1,0 +1,182 @@
+"""The ``relay`` command line: help, certificates, and one-line errors for bad PEMs."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from typer.testing import CliRunner
+
+from relay.cli import app
+from relay.tls import generate_self_signed, hash_of_pem_file, load_identity, write_identity
+
+runner = CliRunner()
+
+
+def relay_cmd(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "relay", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        **kwargs,  # type: ignore[call-overload]
+    )
+
+
+def test_serve_help_lists_every_option() -> None:
+    result = runner.invoke(app, ["serve", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for option in (
+        "--bind",
+        "--port",
+        "--cert-pem",
+        "--key-pem",
+        "--cert-san",
+        "--heartbeat-interval",
+        "--peer-timeout",
+        "--data-dir",
+        "--log-level",
+        "--log-format",
+        "RELAY_CERT_PEM",
+        "RELAY_PEER_TIMEOUT",
+    ):
+        assert option in result.output, option
+
+
+def test_cert_generate_and_hash(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "cert",
+            "generate",
+            "--out",
+            str(tmp_path),
+            "--days",
+            "10",
+            "--san",
+            "relay.example",
+            "--san",
+            "192.0.2.1",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    identity = load_identity(cert, key)
+    assert identity.pinning_problems() == []
+    assert identity.not_after - identity.not_before == datetime.timedelta(days=10)
+    sans = identity.certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert "relay.example" in sans.value.get_values_for_type(x509.DNSName)
+    assert f"Certificate SHA-256 Hash (hex): {identity.hash_hex}" in result.output
+    assert f"Certificate SHA-256 Hash: {identity.hash_colon}" in result.output
+    hashed = runner.invoke(app, ["cert", "hash", str(cert)])
+    assert hashed.output.strip() == identity.hash_hex == hash_of_pem_file(cert)
+
+
+def test_cert_generate_refuses_more_than_14_days(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["cert", "generate", "--out", str(tmp_path), "--days", "15"])
+    assert result.exit_code != 0
+    assert "14" in result.output
+
+
+def _expired_cert(tmp_path: Path) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=30))
+        .not_valid_after(now - datetime.timedelta(days=16))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("old")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "old.pem", tmp_path / "old.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def _bad_pem_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    good_a = write_identity(generate_self_signed(), tmp_path / "a")
+    good_b = write_identity(generate_self_signed(), tmp_path / "b")
+    expired = _expired_cert(tmp_path)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    return [
+        (["--cert-pem", str(good_a[0])], "--cert-pem and --key-pem must be given together"),
+        (
+            ["--cert-pem", str(tmp_path / "nope.pem"), "--key-pem", str(good_a[1])],
+            "certificate file not found",
+        ),
+        (["--cert-pem", str(good_a[0]), "--key-pem", str(good_b[1])], "does not match"),
+        (["--cert-pem", str(expired[0]), "--key-pem", str(expired[1])], "expired on"),
+        (["--cert-pem", str(garbage), "--key-pem", str(good_a[1])], "no PEM certificate"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_bad_pems_exit_non_zero_with_one_line(tmp_path: Path, case: int) -> None:
+    args, message = _bad_pem_cases(tmp_path)[case]
+    result = relay_cmd("serve", "--bind", "127.0.0.1", "--port", "0", *args)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("relay: error:") and message in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_prints_hash_then_listens_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "serve",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RELAY_LOG_FORMAT": "json"},
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        assert first.startswith("Certificate SHA-256 Hash: ")
+        lines = [first]
+        while not lines[-1].startswith("Listening on https://127.0.0.1:"):
+            lines.append(proc.stdout.readline())
+            assert lines[-1], "relay exited before listening"
+        hex_line = next(line for line in lines if "(hex)" in line)
+        assert len(hex_line.split(": ", 1)[1].strip()) == 64
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "Traceback" not in err
+    assert '"message":"SIGTERM received; closing sessions"' in err
