@@ -15,7 +15,7 @@ import typer
 from relay.config import RelayConfig
 from relay.errors import ConfigError
 from relay.logs import setup_logging
-from relay.server import load_tls
+from relay.server import load_tls, prepare_data_dir
 from relay.tls import TlsIdentity
 
 app = typer.Typer(
@@ -111,6 +111,7 @@ def serve(
             data_dir=data_dir,
         )
         identity = load_tls(config)
+        prepare_data_dir(config)
         trio.run(_serve_until_signal, config, identity)
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -12,6 +12,7 @@ from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
 from relay.config import RelayConfig
+from relay.errors import ConfigError
 from relay.lan.hub import Lans
 from relay.quic.connection import QuicPeer
 from relay.quic.endpoint import AdmissionLimits, Endpoint
@@ -34,6 +35,16 @@ def load_tls(config: RelayConfig) -> TlsIdentity:
         if identity.self_signed:
             log.warning("certificate hash pinning will fail: %s", problem)
     return identity
+
+
+def prepare_data_dir(config: RelayConfig) -> None:
+    """Create ``--data-dir`` (leases and other state live there)."""
+    try:
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create data directory {config.data_dir}: {exc.strerror}"
+        ) from None
 
 
 def quic_configuration(config: RelayConfig, identity: TlsIdentity) -> QuicConfiguration:
@@ -108,6 +119,7 @@ async def serve(
     """Run the relay until cancelled; then close every session and connection."""
     out = out or sys.stdout
     identity = identity or load_tls(config)
+    prepare_data_dir(config)
     async with trio.open_nursery() as nursery:
         lans = Lans(nursery)
         relay = Relay(config, identity, lans)

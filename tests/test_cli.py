@@ -180,3 +180,74 @@ def test_serve_prints_hash_then_listens_and_stops_cleanly_on_sigterm(tmp_path: P
     assert proc.returncode == 0
     assert "Traceback" not in err
     assert '"message":"SIGTERM received; closing sessions"' in err
+
+
+def test_long_lived_self_signed_pem_warns_that_pinning_will_fail(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(2)
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "serve",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--cert-pem",
+            str(cert_path),
+            "--key-pem",
+            str(key_path),
+            "--data-dir",
+            str(tmp_path / "data"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        while not proc.stdout.readline().startswith("Listening on"):
+            assert proc.poll() is None, "relay exited"
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "hash pinning will fail: validity is 30.0 days" in err
+    assert (tmp_path / "data").is_dir()
+
+
+def test_port_in_use_is_a_one_line_error() -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = relay_cmd("serve", "--bind", "127.0.0.1", "--port", str(port))
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "relay: error: cannot listen: Address already in use"
+    ]

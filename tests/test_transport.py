@@ -8,6 +8,7 @@ import socket
 import pytest
 import trio
 import trio.lowlevel
+from aioquic.quic.packet import encode_quic_version_negotiation
 from conftest import StartRelay, relay_url
 
 from relay.client import ClientError, RelayClient, connect, random_mac
@@ -233,10 +234,10 @@ async def test_other_requests_get_a_4xx(
         )
 
 
-def junk_initial(size: int = 1200) -> bytes:
-    """A long-header QUIC v1 Initial with random contents: parses, never decrypts."""
+def junk_initial(size: int = 1200, version: int = 1) -> bytes:
+    """A long-header Initial with random contents: parses, never decrypts."""
     dcid, scid = os.urandom(8), os.urandom(8)
-    header = b"\xc3" + (1).to_bytes(4, "big") + b"\x08" + dcid + b"\x08" + scid + b"\x00"
+    header = b"\xc3" + version.to_bytes(4, "big") + b"\x08" + dcid + b"\x08" + scid + b"\x00"
     length = size - len(header) - 2
     return header + (0x4000 | length).to_bytes(2, "big") + os.urandom(length)
 
@@ -272,3 +273,43 @@ def _recv_nowait(sock: socket.socket) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+async def test_dual_stack_default_serves_ipv4_and_ipv6_and_advertises_wt_max_sessions(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(binds=("::",))
+    port = relay.addresses[0][1]
+    for url in (f"https://127.0.0.1:{port}/", f"https://[::1]:{port}/"):
+        client = await connect(nursery, url, cert_hash=relay.identity.hash_hex)
+        assert (await client.register(random_mac())).ip.packed[:3] == bytes([10, 0, 2])
+        assert client._h3 is not None
+        settings = client._h3.received_settings or {}
+        assert settings.get(0x14E9CD29, 0) >= 1  # WT_MAX_SESSIONS (Safari)
+        assert settings.get(0x2B603742) == 1  # ENABLE_WEBTRANSPORT (Chrome, Firefox)
+        await client.aclose()
+
+
+async def test_version_negotiation_rules(start_relay: StartRelay) -> None:
+    relay = await start_relay()
+    addr = relay.addresses[0]
+    endpoint = relay.relay.endpoint
+    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        await sock.connect(addr)
+        await sock.send(junk_initial(1200, version=0x1A2A3A4A))  # unknown version: VN answers
+        with trio.fail_after(5):
+            reply = await sock.recv(2048)
+        assert reply[0] & 0x80 and reply[1:5] == bytes(4)  # a Version Negotiation packet
+        assert (1).to_bytes(4, "big") in reply[5:]
+        # A VN packet (version 0) is never answered, nor a small unknown-version packet.
+        await sock.send(
+            encode_quic_version_negotiation(
+                source_cid=os.urandom(8), destination_cid=os.urandom(8), supported_versions=[1]
+            )
+        )
+        await sock.send(junk_initial(100, version=0x1A2A3A4A))
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(BlockingIOError):
+            sock._sock.recv(2048)
+    assert endpoint.drops["version_negotiation"] == 1
+    assert endpoint.drops["unsupported_version"] == 2
