@@ -121,7 +121,7 @@ async def serve(
     identity = identity or load_tls(config)
     prepare_data_dir(config)
     async with trio.open_nursery() as nursery:
-        lans = Lans(nursery)
+        lans = Lans(nursery, takeover_after=2 * config.heartbeat_interval)
         relay = Relay(config, identity, lans)
         try:
             addresses = await nursery.start(

@@ -313,3 +313,68 @@ async def test_version_negotiation_rules(start_relay: StartRelay) -> None:
             sock._sock.recv(2048)
     assert endpoint.drops["version_negotiation"] == 1
     assert endpoint.drops["unsupported_version"] == 2
+
+
+async def test_pool_exhaustion_sends_error_and_closes_cleanly(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    from ipaddress import IPv4Address
+
+    from relay.lan.addresses import MemoryPool
+
+    relay = await start_relay()
+    relay.relay.lans.allocator_factory = lambda _path: MemoryPool(
+        IPv4Address("10.0.2.10"), IPv4Address("10.0.2.10")
+    )
+    url, h = relay_url(relay, "/tiny"), relay.identity.hash_hex
+    first = await connect(nursery, url, cert_hash=h)
+    assert (await first.register(random_mac())).ip == IPv4Address("10.0.2.10")
+    second = await connect(nursery, url, cert_hash=h)
+    with trio.fail_after(5), pytest.raises(ClientError, match="IP pool exhausted"):
+        await second.register(random_mac())
+    assert second.raw_controls[-1] == b'\x00{"type":"Error","message":"IP pool exhausted"}'
+    with trio.fail_after(5):
+        await second.closed.wait()
+    assert second.close_reason == "session closed by relay"
+    await first.aclose()
+
+
+async def test_live_mac_is_not_taken_over_from_another_host(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay(binds=("::",))
+    port, h = relay.addresses[0][1], relay.identity.hash_hex
+    mac = random_mac()
+    owner = await connect(nursery, f"https://127.0.0.1:{port}/", cert_hash=h)
+    await owner.register(mac)
+    thief = await connect(nursery, f"https://[::1]:{port}/", cert_hash=h)
+    with trio.fail_after(5), pytest.raises(ClientError, match="MAC address in use"):
+        await thief.register(mac)
+    # The owner is untouched.
+    owner.heartbeat()
+    with trio.fail_after(5):
+        await owner.receive_control()
+    assert not owner.closed.is_set()
+    await owner.aclose()
+
+
+async def test_idle_networks_give_way_at_the_cap(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    relay = await start_relay()
+    lans = relay.relay.lans
+    lans.max_networks = 2
+    h = relay.identity.hash_hex
+    busy = await connect(nursery, relay_url(relay, "/busy"), cert_hash=h)
+    await busy.register(random_mac())
+    idle = await connect(nursery, relay_url(relay, "/idle"), cert_hash=h)
+    await idle.aclose()
+    await trio.testing.wait_all_tasks_blocked()  # the relay has processed the close
+    assert not lans.hubs["/idle"].ports
+    newcomer = await connect(nursery, relay_url(relay, "/new"), cert_hash=h)
+    await newcomer.register(random_mac())
+    assert set(lans.hubs) == {"/busy", "/new"} and lans.evicted == 1
+    with pytest.raises(ClientError, match="HTTP 503"):
+        await connect(nursery, relay_url(relay, "/another"), cert_hash=h, handshake_timeout=5)
+    await busy.aclose()
+    await newcomer.aclose()

@@ -1,6 +1,8 @@
 """A flooding hub per network: every frame goes to every other registered port.
 
-One task owns each :class:`Hub` and its port table. Sessions hand frames in over one bounded
+One task per :class:`Hub` does the forwarding. Port-table changes (attach, register, detach)
+are synchronous calls from the sessions' tasks, so they never interleave with a forwarding
+batch. Sessions hand frames in over one bounded
 memory channel and get frames back over their own bounded channel; a full port queue drops
 (counted) instead of stalling the hub. The LAN issue replaces this with a learning switch.
 """
@@ -69,10 +71,13 @@ class Rejection:
 class Hub:
     """One network (one WebTransport path)."""
 
-    def __init__(self, name: str, allocator: AddressAllocator | None = None) -> None:
+    def __init__(
+        self, name: str, allocator: AddressAllocator | None = None, takeover_after: float = 60.0
+    ) -> None:
         self.name = name
         self.allocator = allocator or MemoryPool()
-        self.owners: MacOwners[Port] = MacOwners()
+        self.owners: MacOwners[Port] = MacOwners(takeover_after)
+        self._scope = trio.CancelScope()
         self.ports: dict[int, Port] = {}
         self._next_port = 1
         self.inbox, self._inbox_rx = trio.open_memory_channel[tuple[int, bytes]](HUB_QUEUE)
@@ -136,8 +141,16 @@ class Hub:
                 pass
         self.frames_forwarded += 1
 
+    def stop(self) -> None:
+        """End the forwarding task (the network was removed)."""
+        self._scope.cancel()
+
     async def run(self) -> None:
-        """The task that owns this hub: drain the inbox in batches and flood."""
+        """The forwarding task: drain the inbox in batches and flood."""
+        with self._scope:
+            await self._forward_loop()
+
+    async def _forward_loop(self) -> None:
         inbox = self._inbox_rx
         forward = self._forward
         while True:
@@ -152,19 +165,44 @@ class Hub:
 
 
 class Lans:
-    """Networks by WebTransport path, created on first use and capped in number."""
+    """Networks by WebTransport path, created on first use and capped in number.
 
-    def __init__(self, nursery: trio.Nursery, max_networks: int = 256) -> None:
+    At the cap, a network with no sessions left gives way (least recently created first), so
+    nobody can use up the table with throw-away paths; if every network is in use the new
+    path is refused.
+    """
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        max_networks: int = 256,
+        takeover_after: float = 60.0,
+        allocator_factory: Callable[[str], AddressAllocator] = lambda _path: MemoryPool(),
+    ) -> None:
         self._nursery = nursery
         self.max_networks = max_networks
+        self.takeover_after = takeover_after
+        self.allocator_factory = allocator_factory
         self.hubs: dict[str, Hub] = {}
+        self.refused = 0
+        self.evicted = 0
 
     def get(self, path: str) -> Hub | None:
         hub = self.hubs.get(path)
         if hub is None:
-            if len(self.hubs) >= self.max_networks:
+            if len(self.hubs) >= self.max_networks and not self._evict_idle():
+                self.refused += 1
                 return None
-            hub = Hub(path)
+            hub = Hub(path, self.allocator_factory(path), self.takeover_after)
             self.hubs[path] = hub
             self._nursery.start_soon(hub.run, name=f"hub {path}")
         return hub
+
+    def _evict_idle(self) -> bool:
+        for path, hub in self.hubs.items():
+            if not hub.ports:
+                del self.hubs[path]
+                hub.stop()
+                self.evicted += 1
+                return True
+        return False

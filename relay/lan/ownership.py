@@ -3,7 +3,9 @@
 A reconnecting client registers its MAC again while its old session may still look alive
 (the relay notices a dead browser only at the QUIC idle timeout). The new session takes over
 when it comes from the same host, or when the old one has been silent longer than
-``takeover_after``; otherwise the MAC is refused, so nobody can hijack a live peer's MAC.
+``takeover_after`` (twice the heartbeat interval: a live client would have spoken); otherwise
+the MAC is refused, so a peer elsewhere cannot hijack a live session's MAC. (A client behind the
+same NAT as the owner can; binding MACs to a secret is a later concern.)
 Leaving releases the MAC only if the leaver still owns it: an old session's cleanup never
 unregisters the newer session that took over (the Rust relay's black hole).
 """
@@ -44,7 +46,7 @@ class Refused:
 class MacOwners(Generic[P]):
     """MAC → owning port for one network."""
 
-    def __init__(self, takeover_after: float = 20.0) -> None:
+    def __init__(self, takeover_after: float = 60.0) -> None:
         self.takeover_after = takeover_after
         self._owners: dict[bytes, P] = {}
 

@@ -57,6 +57,15 @@ class DatagramQueue:
             self.drops["stale"] += 1
         return None
 
+    def pop_session(self, session_id: int, now: float) -> bytes | None:
+        """The oldest datagram still worth sending for one session (used when it closes)."""
+        limit = now - self.max_age
+        for index, (sid, payload, queued_at) in enumerate(self._items):
+            if sid == session_id and queued_at >= limit:
+                del self._items[index]
+                return payload
+        return None
+
     def discard_session(self, session_id: int) -> None:
         """Forget everything queued for a closed session."""
         self._items = deque(item for item in self._items if item[0] != session_id)

@@ -82,6 +82,7 @@ class Endpoint:
         self.limits = limits or AdmissionLimits()
         self._cids: dict[bytes, QuicPeer] = {}
         self.peers: set[QuicPeer] = set()
+        self._half_open: set[QuicPeer] = set()
         self._retry = QuicRetryTokenHandler()
         self.drops: Counter[str] = Counter()
         self.handshakes_started = 0
@@ -103,10 +104,15 @@ class Endpoint:
                 del self._cids[cid]
         peer.cids.clear()
         self.peers.discard(peer)
+        self._half_open.discard(peer)
+
+    def handshake_completed(self, peer: QuicPeer) -> None:
+        self._half_open.discard(peer)
 
     @property
     def half_open(self) -> int:
-        return sum(1 for p in self.peers if not p.handshake_complete)
+        """Connections still in their handshake (capped; Retry above a threshold)."""
+        return len(self._half_open)
 
     # -- serving --------------------------------------------------------------------------
 
@@ -138,7 +144,7 @@ class Endpoint:
             for sock in self.sockets:
                 sock.close()
 
-    def close_all(self, reason: str = "relay shutting down") -> None:
+    def close_all(self, reason: str = "shutdown") -> None:
         """Close every connection now (shutdown)."""
         for peer in list(self.peers):
             try:
@@ -296,6 +302,7 @@ class Endpoint:
             peer.cids.add(cid)
             self._cids[cid] = peer
         self.peers.add(peer)
+        self._half_open.add(peer)
         self.handshakes_started += 1
         assert self._nursery is not None
         self._nursery.start_soon(peer.run, name=f"quic {peer.label}")

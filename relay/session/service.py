@@ -66,9 +66,10 @@ class BavySession:
     def deadline(self) -> float | None:
         return self.core.next_deadline()
 
-    def on_closed(self) -> None:
+    def on_closed(self, reason: str) -> None:
         """The WebTransport session is gone, whoever ended it."""
-        self.core.close(CloseReason.TRANSPORT_CLOSED)
+        shutdown = reason == CloseReason.SHUTDOWN
+        self.core.close(CloseReason.SHUTDOWN if shutdown else CloseReason.TRANSPORT_CLOSED)
         self.hub.detach(self.port)
         self._cancel.cancel()
         mac = self.core.mac

@@ -21,7 +21,7 @@ class ReassemblyLimits:
 
     max_partial: int = 8
     """Partial frames in flight; the oldest is evicted for a new one."""
-    max_bytes: int = 16 * 1024
+    max_bytes: int = 8 * 1024
     """Payload bytes held across all partial frames."""
     timeout: float = 5.0
     """Seconds after its first chunk that a partial frame is given up."""
@@ -86,7 +86,7 @@ class Reassembler:
         """Take one chunk; return the frame when this chunk completes it."""
         self.expire(now)
         limits = self.limits
-        if chunk.total > limits.max_frame or len(chunk.payload) > limits.max_frame:
+        if len(chunk.payload) > limits.max_frame:
             self.drops["chunk_too_large"] += 1
             return None
         partial = self._partials.get(chunk.chunk_id)
