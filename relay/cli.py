@@ -188,5 +188,16 @@ def cert_hash(file: Annotated[Path, typer.Argument(help="PEM certificate.")]) ->
         raise _fail(str(exc)) from None
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Benchmark the relay against an aioquic echo baseline (``relay bench --help``)."""
+    from relay.bench.runner import main as bench_main
+
+    raise typer.Exit(code=bench_main(list(ctx.args)))
+
+
 def main() -> None:
     app()

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from relay.errors import RelayError
 from relay.quic.datagram_queue import DatagramQueue
-from relay.quic.pump import feed_datagrams, max_datagram_payload
+from relay.quic.pump import max_datagram_payload, transmit
 from relay.wire.codec import (
     Chunk,
     ChunkIdCounter,
@@ -194,20 +194,19 @@ class RelayClient:
     # -- driving aioquic ------------------------------------------------------------------
 
     def _flush(self) -> None:
-        now = trio.current_time()
-        if self._h3 is not None and self._queue:
-            feed_datagrams(self._quic, self._h3, self._queue, now)
-        for data, _addr in self._quic.datagrams_to_send(now=now):
-            try:
-                self._sock.send(data)
-            except (BlockingIOError, ConnectionRefusedError):
-                self.drops["udp_send"] += 1
+        transmit(self._quic, self._h3, self._queue, trio.current_time(), self._send_udp)
         scope = self._timer_scope
         if scope is not None:
             timer = self._quic.get_timer()
             deadline = math.inf if timer is None else timer
             if scope.deadline != deadline:
                 scope.deadline = deadline
+
+    def _send_udp(self, data: bytes, _addr: object) -> None:
+        try:
+            self._sock.send(data)
+        except (BlockingIOError, ConnectionRefusedError):
+            self.drops["udp_send"] += 1
 
     def _finish(self, reason: str) -> None:
         if self.closed.is_set():

@@ -40,7 +40,7 @@ from aioquic.quic.events import (
 
 from relay.quic.datagram_queue import DatagramQueue
 from relay.quic.h3 import MAX_SESSIONS_PER_CONNECTION, RelayH3Connection
-from relay.quic.pump import feed_datagrams, max_datagram_payload
+from relay.quic.pump import max_datagram_payload, transmit
 
 log = logging.getLogger("relay.quic")
 
@@ -124,6 +124,9 @@ class QuicPeer:
         self._close_at = math.inf
         self._app_deadline = math.inf
         self._ping_uid = 0
+
+    def _send(self, data: bytes, addr: NetworkAddress) -> None:
+        send_udp(self.sock, data, addr, self.drops)
 
     # -- inbound path (called by the endpoint's receive loop) -----------------------------
 
@@ -223,13 +226,7 @@ class QuicPeer:
         """Move queued datagrams into aioquic, send what it allows, re-arm the timer."""
         if self.terminated:
             return
-        quic = self.quic
-        now = trio.current_time()
-        if self.h3 is not None and self.queue:
-            feed_datagrams(quic, self.h3, self.queue, now)
-        sock, drops = self.sock, self.drops
-        for data, addr in quic.datagrams_to_send(now=now):
-            send_udp(sock, data, addr, drops)
+        transmit(self.quic, self.h3, self.queue, trio.current_time(), self._send)
         scope = self._timer_scope
         if scope is not None:
             deadline = self._deadline()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import H3Connection
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import NetworkAddress, QuicConnection
 
 from relay.quic.datagram_queue import DatagramQueue
 
@@ -39,3 +41,25 @@ def feed_datagrams(
         if item is None:
             return
         h3.send_datagram(item[0], item[1])
+
+
+def transmit(
+    quic: QuicConnection,
+    h3: H3Connection | None,
+    queue: DatagramQueue,
+    now: float,
+    send: Callable[[bytes, NetworkAddress], None],
+) -> None:
+    """Send everything aioquic allows now, feeding it from ``queue`` a few at a time.
+
+    Loops until our queue is empty or aioquic stops taking datagrams (congestion window or
+    pacing), so one flush is not limited to the few datagrams handed over at once.
+    """
+    while True:
+        if h3 is not None and queue:
+            feed_datagrams(quic, h3, queue, now)
+        packets = quic.datagrams_to_send(now=now)
+        for data, addr in packets:
+            send(data, addr)
+        if not queue or quic._datagrams_pending or not packets:
+            return
