@@ -88,22 +88,25 @@ def test_cert_generate_refuses_more_than_14_days(tmp_path: Path) -> None:
     assert "14" in result.output
 
 
-def _expired_cert(tmp_path: Path) -> tuple[Path, Path]:
+def _self_signed_pem(
+    tmp_path: Path, name: str, start: datetime.timedelta, end: datetime.timedelta
+) -> tuple[Path, Path]:
+    """A self-signed P-256 certificate valid from now+start to now+end, and its key."""
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "old")])
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(subject)
         .public_key(key.public_key())
-        .serial_number(1)
-        .not_valid_before(now - datetime.timedelta(days=30))
-        .not_valid_after(now - datetime.timedelta(days=16))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("old")]), critical=False)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now + start)
+        .not_valid_after(now + end)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path, key_path = tmp_path / "old.pem", tmp_path / "old.key"
+    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(
         key.private_bytes(
@@ -113,6 +116,11 @@ def _expired_cert(tmp_path: Path) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def _expired_cert(tmp_path: Path) -> tuple[Path, Path]:
+    day = datetime.timedelta(days=1)
+    return _self_signed_pem(tmp_path, "old", -30 * day, -16 * day)
 
 
 def _bad_pem_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
@@ -144,7 +152,10 @@ def test_bad_pems_exit_non_zero_with_one_line(tmp_path: Path, case: int) -> None
     assert "Traceback" not in result.stderr
 
 
-def test_serve_prints_hash_then_listens_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+def run_until_listening(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """Start ``relay serve`` on an ephemeral port; return it and its stdout up to Listening."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -157,84 +168,52 @@ def test_serve_prints_hash_then_listens_and_stops_cleanly_on_sigterm(tmp_path: P
             "0",
             "--data-dir",
             str(tmp_path / "data"),
+            *args,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "RELAY_LOG_FORMAT": "json"},
+        env={**os.environ, **(env or {})},
     )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    while not (lines and lines[-1].startswith("Listening on https://127.0.0.1:")):
+        lines.append(proc.stdout.readline())
+        if not lines[-1]:
+            proc.kill()
+            raise AssertionError(f"relay exited before listening: {proc.communicate()[1]}")
+    return proc, lines
+
+
+def stop(proc: subprocess.Popen[str], signum: int) -> str:
+    """Signal the relay, wait for it, return its stderr."""
     try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        assert first.startswith("Certificate SHA-256 Hash: ")
-        lines = [first]
-        while not lines[-1].startswith("Listening on https://127.0.0.1:"):
-            lines.append(proc.stdout.readline())
-            assert lines[-1], "relay exited before listening"
-        hex_line = next(line for line in lines if "(hex)" in line)
-        assert len(hex_line.split(": ", 1)[1].strip()) == 64
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         _, err = proc.communicate(timeout=10)
     finally:
         proc.kill()
+    return err
+
+
+def test_serve_prints_hash_then_listens_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    proc, lines = run_until_listening(tmp_path, env={"RELAY_LOG_FORMAT": "json"})
+    assert lines[0].startswith("Certificate SHA-256 Hash: ")
+    hex_line = next(line for line in lines if "(hex)" in line)
+    assert len(hex_line.split(": ", 1)[1].strip()) == 64
+    err = stop(proc, signal.SIGTERM)
     assert proc.returncode == 0
     assert "Traceback" not in err
     assert '"message":"SIGTERM received; closing sessions"' in err
 
 
 def test_long_lived_self_signed_pem_warns_that_pinning_will_fail(tmp_path: Path) -> None:
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(2)
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
+    cert_path, key_path = _self_signed_pem(
+        tmp_path, "long", -datetime.timedelta(hours=1), datetime.timedelta(days=30)
     )
-    cert_path, key_path = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
+    proc, _ = run_until_listening(
+        tmp_path, "--cert-pem", str(cert_path), "--key-pem", str(key_path)
     )
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "relay",
-            "serve",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--cert-pem",
-            str(cert_path),
-            "--key-pem",
-            str(key_path),
-            "--data-dir",
-            str(tmp_path / "data"),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        while not proc.stdout.readline().startswith("Listening on"):
-            assert proc.poll() is None, "relay exited"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=10)
-    finally:
-        proc.kill()
+    err = stop(proc, signal.SIGINT)
     assert proc.returncode == 0
     assert "hash pinning will fail: validity is 30.0 days" in err
     assert (tmp_path / "data").is_dir()

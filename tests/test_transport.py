@@ -12,6 +12,9 @@ from aioquic.quic.packet import encode_quic_version_negotiation
 from conftest import StartRelay, relay_url
 
 from relay.client import ClientError, RelayClient, connect, random_mac
+from relay.quic.connection import QuicPeer
+from relay.server import Listening
+from relay.session.service import BavySession
 from relay.wire.messages import Heartbeat, Register
 
 BROADCAST = b"\xff" * 6
@@ -22,12 +25,26 @@ def frame(src: bytes, dst: bytes = BROADCAST, size: int = 64, fill: int = 0) -> 
     return dst + src + b"\x88\xb5" + body
 
 
-async def open_pair(
-    nursery: trio.Nursery, url: str, cert_hash: str
-) -> tuple[RelayClient, RelayClient]:
+async def registered_pair(
+    nursery: trio.Nursery, relay: Listening, path: str = "/"
+) -> tuple[RelayClient, bytes, RelayClient, bytes]:
+    """Two clients registered on one LAN, with their MACs."""
+    url, cert_hash = relay_url(relay, path), relay.identity.hash_hex
     a = await connect(nursery, url, cert_hash=cert_hash)
     b = await connect(nursery, url, cert_hash=cert_hash)
-    return a, b
+    mac_a, mac_b = random_mac(), random_mac()
+    await a.register(mac_a)
+    await b.register(mac_b)
+    return a, mac_a, b, mac_b
+
+
+def relay_side_session(relay: Listening, mac: bytes) -> tuple[QuicPeer, int]:
+    """The relay's connection and stream id carrying the session registered with ``mac``."""
+    for peer in relay.relay.endpoint.peers:
+        for stream_id, session in peer.sessions.items():
+            if isinstance(session, BavySession) and session.core.mac == mac:
+                return peer, stream_id
+    raise LookupError(mac.hex())
 
 
 async def test_register_assigned_bytes_exactly_as_bavy_parses(
@@ -75,12 +92,8 @@ async def test_frames_flood_to_other_sessions_of_the_same_path_only(
     nursery: trio.Nursery, start_relay: StartRelay
 ) -> None:
     relay = await start_relay()
-    h = relay.identity.hash_hex
-    a, b = await open_pair(nursery, relay_url(relay, "/lan/one"), h)
-    other = await connect(nursery, relay_url(relay, "/lan/two"), cert_hash=h)
-    mac_a, mac_b = random_mac(), random_mac()
-    await a.register(mac_a)
-    await b.register(mac_b)
+    a, mac_a, b, mac_b = await registered_pair(nursery, relay, "/lan/one")
+    other = await connect(nursery, relay_url(relay, "/lan/two"), cert_hash=relay.identity.hash_hex)
     await other.register(random_mac())
     sent = frame(mac_a, fill=1)
     a.send_frame(sent)
@@ -105,10 +118,7 @@ async def test_full_size_frame_crosses_chunked_both_ways(
     nursery: trio.Nursery, start_relay: StartRelay
 ) -> None:
     relay = await start_relay()
-    a, b = await open_pair(nursery, relay_url(relay), relay.identity.hash_hex)
-    mac_a, mac_b = random_mac(), random_mac()
-    await a.register(mac_a)
-    await b.register(mac_b)
+    a, mac_a, b, mac_b = await registered_pair(nursery, relay)
     big_ab = frame(mac_a, dst=mac_b, size=1514, fill=3)
     big_ba = frame(mac_b, dst=mac_a, size=1514, fill=4)
     a.send_frame(big_ab)
@@ -178,17 +188,9 @@ async def test_oversized_datagram_never_stalls_later_ones(
     nursery: trio.Nursery, start_relay: StartRelay
 ) -> None:
     relay = await start_relay()
-    a, b = await open_pair(nursery, relay_url(relay), relay.identity.hash_hex)
-    mac_a, mac_b = random_mac(), random_mac()
-    await a.register(mac_a)
-    await b.register(mac_b)
+    a, mac_a, b, mac_b = await registered_pair(nursery, relay)
     # Relay side: push a datagram larger than any packet straight into b's connection.
-    (peer,) = [
-        p
-        for p in relay.relay.endpoint.peers
-        if p.sessions and p is not None and any(s.core.mac == mac_b for s in p.sessions.values())
-    ]  # type: ignore[attr-defined]
-    (stream_id,) = peer.sessions
+    peer, stream_id = relay_side_session(relay, mac_b)
     peer.queue_datagram(stream_id, b"\x01" + bytes(1400))
     peer.flush()
     assert peer.queue.drops["oversized"] == 1

@@ -423,6 +423,14 @@ def relay_command(workdir: Path) -> list[str]:
     ]
 
 
+def _figures(flood: PhaseResult, rtt: PhaseResult, size: int) -> dict[str, Any]:
+    return {
+        "throughput": throughput_figures(flood, size),
+        "rtt": rtt_figures(rtt),
+        "workers": {**flood.results, **{k: _without_samples(v) for k, v in rtt.results.items()}},
+    }
+
+
 async def bench_relay(params: Params, workdir: Path) -> dict[str, Any]:
     server = await start_server("relay", relay_command(workdir), workdir)
     try:
@@ -440,11 +448,7 @@ async def bench_relay(params: Params, workdir: Path) -> dict[str, Any]:
         rtt = await run_phase(server, [pong, ping], params, workdir)
     finally:
         await server.child.close(terminate=True)
-    return {
-        "throughput": throughput_figures(flood, params.size),
-        "rtt": rtt_figures(rtt),
-        "workers": {**flood.results, **{k: _without_samples(v) for k, v in rtt.results.items()}},
-    }
+    return _figures(flood, rtt, params.size)
 
 
 async def bench_baseline(params: Params, workdir: Path) -> dict[str, Any]:
@@ -477,11 +481,7 @@ async def bench_baseline(params: Params, workdir: Path) -> dict[str, Any]:
         rtt = await run_phase(server, [ping], params, workdir)
     finally:
         await server.child.close(terminate=True)
-    return {
-        "throughput": throughput_figures(flood, params.size),
-        "rtt": rtt_figures(rtt),
-        "workers": {**flood.results, **{k: _without_samples(v) for k, v in rtt.results.items()}},
-    }
+    return _figures(flood, rtt, params.size)
 
 
 def _without_samples(result: dict[str, Any]) -> dict[str, Any]:

@@ -39,6 +39,7 @@ import resource
 import struct
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -186,8 +187,8 @@ class Counts:
         }
 
 
-async def count_frames(client: RelayClient, counts: Counts) -> None:
-    """Count every frame that arrives, a batch per wake-up."""
+async def each_frame(client: RelayClient, handle: Callable[[bytes, float], None]) -> None:
+    """Call ``handle(frame, arrival time)`` for every frame, draining a batch per wake-up."""
     frames = client.frames
     while True:
         try:
@@ -195,13 +196,18 @@ async def count_frames(client: RelayClient, counts: Counts) -> None:
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return
         now = time.monotonic()
-        counts.add(frame, now)
+        handle(frame, now)
         while True:
             try:
                 frame = frames.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-            counts.add(frame, now)
+            handle(frame, now)
+
+
+async def count_frames(client: RelayClient, counts: Counts) -> None:
+    """Count every frame that arrives."""
+    await each_frame(client, counts.add)
 
 
 async def drain_until_idle(counts: Counts) -> None:
@@ -294,17 +300,14 @@ async def ping(
 
 async def pong(client: RelayClient, delays: list[float]) -> None:
     """Send every frame back with the MACs swapped; record its one-way delay."""
-    frames = client.frames
-    while True:
-        try:
-            frame = await frames.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return
-        now = time.monotonic()
+
+    def bounce(frame: bytes, now: float) -> None:
         client.send_frame(frame[6:12] + frame[0:6] + frame[12:])
         parsed = parse_frame(frame)
         if parsed is not None and parsed[1] >= PING_WARMUP:
             delays.append(now - parsed[2])
+
+    await each_frame(client, bounce)
 
 
 def client_drops(client: RelayClient) -> dict[str, int]:
