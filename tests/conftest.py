@@ -15,11 +15,17 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import settings
 
 from relay.config import RelayConfig
 from relay.server import Listening, serve
 
 STRICT = os.environ.get("RELAY_TEST_STRICT") == "1"
+
+# Wall-clock deadlines make property tests flaky on a loaded 2-core CI machine; the examples
+# are bounded by size instead. print_blob lets a failure be replayed exactly.
+settings.register_profile("relay", deadline=None, print_blob=True)
+settings.load_profile("relay")
 
 
 def skip_or_fail(reason: str) -> None:

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,6 +18,7 @@ from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from relay.cli import app
+from relay.client import connect, random_mac
 from relay.tls import generate_self_signed, hash_of_pem_file, load_identity, write_identity
 
 runner = CliRunner()
@@ -230,3 +232,24 @@ def test_port_in_use_is_a_one_line_error() -> None:
     assert result.stderr.strip().splitlines() == [
         "relay: error: cannot listen: Address already in use"
     ]
+
+
+async def test_sigterm_closes_live_sessions_so_clients_reconnect(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    proc, lines = run_until_listening(tmp_path)
+    try:
+        cert_hash = next(line for line in lines if "(hex)" in line).split(": ", 1)[1].strip()
+        url = lines[-1].split()[2]
+        client = await connect(nursery, url, cert_hash=cert_hash)
+        await client.register(random_mac())
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(5):
+            await client.closed.wait()  # told at once, not after an idle timeout
+        assert client.close_reason in ("session closed by relay", "connection closed: shutdown")
+        _, err = await trio.to_thread.run_sync(proc.communicate, None, 10)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0
+    assert "Traceback" not in err
+    assert "(shutdown)" in err  # the session's close reason in the relay's log
