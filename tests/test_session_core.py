@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from relay.session.core import (
     CloseReason,
     CloseRequested,
+    Dropped,
     FrameReceived,
     Phase,
     RegisterRequested,
@@ -47,7 +48,9 @@ def test_register_then_frames_flow() -> None:
 
 def test_frames_before_registration_are_dropped_and_counted() -> None:
     s = SessionProtocol(0.0)
-    assert s.receive_datagram(b"\x01" + FRAME, 1.0) == []
+    assert s.receive_datagram(b"\x01" + FRAME, 1.0) == [
+        Dropped("unregistered_frame", "frame before Register")
+    ]
     assert s.drops["unregistered_frame"] == 1
 
 
@@ -56,7 +59,8 @@ def test_repeated_register_resends_the_same_assigned() -> None:
     again = s.receive_datagram(encode_control(Register(MAC)), 2.0)
     assert again == [SendDatagram(encode_control(ASSIGNED))]
     other = s.receive_datagram(encode_control(Register(b"\x52\x54\0\0\0\x09")), 2.0)
-    assert other == [] and s.drops["register_other_mac"] == 1
+    assert other == [Dropped("register_other_mac", "Register with another MAC")]
+    assert s.drops["register_other_mac"] == 1
 
 
 def test_a_second_register_while_pending_is_not_asked_twice() -> None:
@@ -67,7 +71,8 @@ def test_a_second_register_while_pending_is_not_asked_twice() -> None:
 
 def test_group_mac_cannot_register() -> None:
     s = SessionProtocol(0.0)
-    assert s.receive_datagram(encode_control(Register(b"\x01\0\x5e\0\0\1")), 0.0) == []
+    out = s.receive_datagram(encode_control(Register(b"\x01\0\x5e\0\0\1")), 0.0)
+    assert [o.reason for o in out if isinstance(o, Dropped)] == ["register_group_mac"]
     assert s.drops["register_group_mac"] == 1
 
 
@@ -88,12 +93,13 @@ def test_registration_timeout_closes() -> None:
 
 def test_any_datagram_is_liveness_and_silence_closes() -> None:
     s = registered(0.0, Timeouts(registration=30.0, peer=150.0))
-    s.receive_datagram(b"\x09junk", 100.0)  # undecodable, still a sign of life
+    out = s.receive_datagram(b"\x09junk", 100.0)  # undecodable, still a sign of life
+    assert out == [Dropped("unknown_type", "unknown message type 0x09")]
     assert s.drops["unknown_type"] == 1
     assert s.next_deadline() == 250.0
     assert s.handle_timer(249.0) == []
     assert s.handle_timer(250.0) == [CloseRequested(CloseReason.PEER_TIMEOUT)]
-    assert s.receive_datagram(b"\x01" + FRAME, 251.0) == []
+    assert s.receive_datagram(b"\x01" + FRAME, 251.0) == []  # closed: nothing more happens
 
 
 def test_disconnect_closes() -> None:
@@ -139,6 +145,17 @@ def test_arbitrary_datagrams_never_crash_a_session(stream: list[tuple[bytes, flo
         now += step
         for out in s.receive_datagram(data, now) + s.handle_timer(now):
             assert isinstance(
-                out, SendDatagram | FrameReceived | RegisterRequested | CloseRequested
+                out, SendDatagram | FrameReceived | RegisterRequested | CloseRequested | Dropped
             )
+            if isinstance(out, Dropped):
+                assert s.drops[out.reason] + s.reassembler.drops[out.reason] >= 1
     assert s.reassembler.partial_count <= s.reassembler.limits.max_partial
+
+
+def test_reassembly_drops_are_reported_but_duplicates_are_quiet() -> None:
+    s = registered(0.0)
+    first, _second = encode_frame(FRAME + bytes(1400), ChunkIdCounter(3))
+    s.receive_datagram(first, 1.0)
+    assert s.receive_datagram(first, 1.1) == []  # a duplicate: counted, not worth a log line
+    forged = first[:5] + b"\x01" * (len(first) - 5)
+    assert s.receive_datagram(forged, 1.2) == [Dropped("chunk_inconsistent", "chunk id 3")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -380,3 +381,35 @@ async def test_idle_networks_give_way_at_the_cap(
         await connect(nursery, relay_url(relay, "/another"), cert_hash=h, handshake_timeout=5)
     await busy.aclose()
     await newcomer.aclose()
+
+
+async def test_bad_datagrams_are_logged_counted_dropped_and_the_session_lives_on(
+    nursery: trio.Nursery, start_relay: StartRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await start_relay()
+    a, mac_a, b, mac_b = await registered_pair(nursery, relay)
+    junk = [b"\x00{not json", b"\x07???", b"\x01short", b"\x02\x00\x01\x05\x02x", b""]
+    with caplog.at_level(logging.INFO, logger="relay.session"):
+        for _ in range(20):
+            for payload in junk:
+                a.send_datagram(payload)
+            await trio.lowlevel.checkpoint()
+        sent = frame(mac_a, dst=mac_b, fill=5)
+        a.send_frame(sent)
+        with trio.fail_after(5):
+            assert await b.receive_frame() == sent  # the session survived all of it
+    peer, stream_id = relay_side_session(relay, mac_a)
+    session = peer.sessions[stream_id]
+    assert isinstance(session, BavySession)
+    assert session.core.drops == {
+        "bad_control": 20,
+        "unknown_type": 20,
+        "runt_frame": 20,
+        "bad_chunk": 20,
+        "empty": 20,
+    }
+    lines = [r.getMessage() for r in caplog.records if "dropped (" in r.getMessage()]
+    assert len(lines) == 5  # one line per reason, not one per datagram
+    assert any("dropped (bad_control): control message is not JSON" in line for line in lines)
+    await a.aclose()
+    await b.aclose()

@@ -19,9 +19,11 @@ import trio
 
 from relay.lan.addresses import DNS, GATEWAY, NETMASK, AddressAllocator, MemoryPool, PoolExhausted
 from relay.lan.ownership import Claimed, MacOwners, Refused
+from relay.logs import RateLimitedLog
 from relay.wire.messages import Assigned, format_mac
 
 log = logging.getLogger("relay.lan")
+_drop_log = RateLimitedLog(log, level=logging.WARNING)
 
 PORT_QUEUE = 256
 """Frames queued towards one session before the hub drops for it."""
@@ -55,6 +57,7 @@ class Port:
             self.hub.inbox.send_nowait((self.port_id, frame))
         except trio.WouldBlock:
             self.hub.drops["hub_queue_full"] += 1
+            _drop_log.event("hub_queue_full", "%s: hub queue full; frame dropped", self.hub.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +140,9 @@ class Hub:
                 port.to_session.send_nowait(frame)
             except trio.WouldBlock:
                 port.drops["port_queue_full"] += 1
+                _drop_log.event(
+                    "port_queue_full", "%s: port %d is slow; frame dropped", self.name, port_id
+                )
             except trio.ClosedResourceError:
                 pass
         self.frames_forwarded += 1

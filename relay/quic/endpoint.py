@@ -30,9 +30,11 @@ from aioquic.quic.packet import (
 )
 from aioquic.quic.retry import QuicRetryTokenHandler
 
+from relay.logs import RateLimitedLog
 from relay.quic.connection import QuicPeer, SessionFactory, send_udp
 
 log = logging.getLogger("relay.quic")
+_drop_log = RateLimitedLog(log)
 
 SMALLEST_INITIAL = 1200
 RECV_BUFFER = 8 * 1024 * 1024
@@ -65,6 +67,16 @@ def open_udp_socket(host: str, port: int) -> socket.socket:
     except BaseException:
         sock.close()
         raise
+    granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted < RECV_BUFFER:  # Linux reports double what it grants, capped by rmem_max
+        log.warning(
+            "UDP receive buffer is %d KiB, not the %d KiB asked for: raise net.core.rmem_max "
+            "or bursts will be dropped by the kernel (RcvbufErrors in /proc/net/snmp)",
+            granted // 1024,
+            RECV_BUFFER // 1024,
+        )
+    else:
+        log.debug("UDP receive buffer: %d KiB", granted // 1024)
     return sock
 
 
@@ -89,6 +101,10 @@ class Endpoint:
         self.retries_sent = 0
         self.sockets: list[socket.socket] = []
         self._nursery: trio.Nursery | None = None
+
+    def _drop(self, reason: str, addr: NetworkAddress | None = None) -> None:
+        self.drops[reason] += 1
+        _drop_log.event(reason, "dropped UDP packet from %s: %s", addr and addr[0], reason)
 
     # -- hooks for connections ------------------------------------------------------------
 
@@ -165,7 +181,7 @@ class Endpoint:
             except BlockingIOError:
                 pass
             except OSError as exc:  # e.g. ICMP errors surfacing on the socket
-                self.drops["udp_receive_error"] += 1
+                self._drop("udp_receive_error")
                 log.debug("recvfrom: %s", exc)
             for peer in dirty.values():
                 try:
@@ -197,7 +213,7 @@ class Endpoint:
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=8)
         except ValueError:
-            self.drops["bad_header"] += 1
+            self._drop("bad_header", addr)
             return
         peer = self._cids.get(header.destination_cid)
         if peer is None:
@@ -220,12 +236,12 @@ class Endpoint:
         now: float,
     ) -> QuicPeer | None:
         if header.packet_type == QuicPacketType.VERSION_NEGOTIATION:
-            self.drops["version_negotiation"] += 1
+            self._drop("version_negotiation", addr)
             return None
         configuration = self._configuration()
         if header.version is not None and header.version not in configuration.supported_versions:
             if header.version == 0 or len(data) < SMALLEST_INITIAL:
-                self.drops["unsupported_version"] += 1
+                self._drop("unsupported_version", addr)
                 return None
             send_udp(
                 sock,
@@ -237,26 +253,26 @@ class Endpoint:
                 addr,
                 self.drops,
             )
-            self.drops["unsupported_version"] += 1
+            self._drop("unsupported_version", addr)
             return None
         if header.packet_type != QuicPacketType.INITIAL:
-            self.drops["unknown_connection"] += 1
+            self._drop("unknown_connection", addr)
             return None
         if len(data) < SMALLEST_INITIAL:
-            self.drops["initial_too_small"] += 1
+            self._drop("initial_too_small", addr)
             return None
         limits = self.limits
         if len(self.peers) >= limits.max_connections:
-            self.drops["connections_full"] += 1
+            self._drop("connections_full", addr)
             return None
         half_open = self.half_open
         if half_open >= limits.max_half_open:
-            self.drops["half_open_full"] += 1
+            self._drop("half_open_full", addr)
             return None
         original_dcid: bytes = header.destination_cid
         retry_scid: bytes | None = None
         if header.version is None:  # not a long header: cannot be an Initial
-            self.drops["unknown_connection"] += 1
+            self._drop("unknown_connection", addr)
             return None
         if limits.always_retry or half_open >= limits.retry_above:
             if not header.token:
@@ -289,7 +305,7 @@ class Endpoint:
                     now=now,
                 )
             except ValueError:
-                self.drops["bad_retry_token"] += 1
+                self._drop("bad_retry_token", addr)
                 return None
             retry_scid = header.destination_cid
         quic = QuicConnection(

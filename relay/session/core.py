@@ -92,13 +92,21 @@ class RegisterRequested:
 
 
 @dataclass(frozen=True, slots=True)
+class Dropped:
+    """Bad or unexpected input was dropped (already counted in ``drops``); log it."""
+
+    reason: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
 class CloseRequested:
     """Close the session (the client will reconnect)."""
 
     reason: CloseReason
 
 
-Output = SendDatagram | FrameReceived | RegisterRequested | CloseRequested
+Output = SendDatagram | FrameReceived | RegisterRequested | CloseRequested | Dropped
 
 
 class SessionProtocol:
@@ -137,13 +145,18 @@ class SessionProtocol:
         try:
             decoded = decode_datagram_untrusted(data)
         except BadDatagram as exc:
-            self.drops[exc.reason] += 1
-            return []
+            return self._drop(exc.reason, str(exc))
         if type(decoded) is DataFrame:
             return self._frame_in(decoded.frame)
         if type(decoded) is Chunk:
-            frame = self.reassembler.add(decoded, now)
-            return [] if frame is None else self._frame_in(frame)
+            reassembler = self.reassembler
+            dropped = reassembler.dropped
+            frame = reassembler.add(decoded, now)
+            if frame is not None:
+                return self._frame_in(frame)
+            if reassembler.dropped != dropped and reassembler.last_drop != "chunk_duplicate":
+                return [Dropped(reassembler.last_drop, f"chunk id {decoded.chunk_id}")]
+            return []
         assert type(decoded) is Control
         message = decoded.message
         if type(message) is Heartbeat:
@@ -152,13 +165,15 @@ class SessionProtocol:
             return self._register(message.mac)
         if type(message) is Disconnect:
             return self._close(CloseReason.CLIENT_DISCONNECT)
-        self.drops["unexpected_control"] += 1
-        return []
+        return self._drop("unexpected_control", type(message).__name__)
+
+    def _drop(self, reason: str, detail: str) -> list[Output]:
+        self.drops[reason] += 1
+        return [Dropped(reason, detail)]
 
     def _frame_in(self, frame: bytes) -> list[Output]:
         if self.phase is not Phase.REGISTERED:
-            self.drops["unregistered_frame"] += 1
-            return []
+            return self._drop("unregistered_frame", "frame before Register")
         self.frames_in += 1
         self.bytes_in += len(frame)
         return [FrameReceived(frame)]
@@ -167,11 +182,9 @@ class SessionProtocol:
         if self.phase is Phase.REGISTERED:
             if mac == self.mac and self.assigned is not None:
                 return [SendDatagram(encode_control(self.assigned))]
-            self.drops["register_other_mac"] += 1
-            return []
+            return self._drop("register_other_mac", "Register with another MAC")
         if mac[0] & 1:
-            self.drops["register_group_mac"] += 1
-            return []
+            return self._drop("register_group_mac", "Register with a group MAC")
         if self._pending_mac is not None:
             return []  # the driver has not answered the first Register yet
         self._pending_mac = mac

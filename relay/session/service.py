@@ -14,9 +14,11 @@ import logging
 import trio
 
 from relay.lan.hub import Hub, Registration
+from relay.logs import RateLimitedLog
 from relay.quic.connection import QuicPeer
 from relay.session.core import (
     CloseReason,
+    Dropped,
     FrameReceived,
     Output,
     RegisterRequested,
@@ -42,6 +44,7 @@ class BavySession:
         self.port = hub.attach(peer.remote_host, self._last_seen, self._superseded, now)
         self.label = f"{peer.label}#{stream_id}"
         self._cancel = trio.CancelScope()
+        self._drop_log = RateLimitedLog(log)
 
     def _last_seen(self) -> float:
         return self.core.last_seen
@@ -90,6 +93,10 @@ class BavySession:
                 self.peer.queue_datagram(self.stream_id, output.payload)
             elif isinstance(output, RegisterRequested):
                 self._register(output.mac, now)
+            elif isinstance(output, Dropped):
+                self._drop_log.event(
+                    output.reason, "%s: dropped (%s): %s", self.label, output.reason, output.detail
+                )
             else:
                 log.info("%s: closing: %s", self.label, output.reason)
                 self.peer.close_session(self.stream_id, reason=str(output.reason))

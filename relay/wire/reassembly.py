@@ -52,6 +52,9 @@ class Reassembler:
         self._held = 0
         self.drops: Counter[str] = Counter()
         """Chunks or partial frames thrown away, by reason."""
+        self.dropped = 0
+        """Total of ``drops``, and the last reason, so a caller can notice a new drop cheaply."""
+        self.last_drop = ""
         self.completed = 0
 
     @property
@@ -80,14 +83,14 @@ class Reassembler:
     def _discard(self, chunk_id: int, reason: str) -> None:
         partial = self._partials.pop(chunk_id)
         self._held -= partial.held
-        self.drops[reason] += 1
+        self._count(reason)
 
     def add(self, chunk: Chunk, now: float) -> bytes | None:
         """Take one chunk; return the frame when this chunk completes it."""
         self.expire(now)
         limits = self.limits
         if len(chunk.payload) > limits.max_frame:
-            self.drops["chunk_too_large"] += 1
+            self._count("chunk_too_large")
             return None
         partial = self._partials.get(chunk.chunk_id)
         if partial is not None and len(partial.slots) != chunk.total:
@@ -106,7 +109,7 @@ class Reassembler:
             if slot != chunk.payload:
                 self._discard(chunk.chunk_id, "chunk_inconsistent")
             else:
-                self.drops["chunk_duplicate"] += 1
+                self._count("chunk_duplicate")
             return None
         is_last = chunk.index == chunk.total - 1
         size = len(chunk.payload)
@@ -135,16 +138,21 @@ class Reassembler:
         frame = b"".join(s for s in partial.slots if s is not None)
         last = partial.slots[-1]
         if last is not None and partial.stride and len(last) > partial.stride:
-            self.drops["chunk_inconsistent"] += 1
+            self._count("chunk_inconsistent")
             return None
         return self._accept(frame)
+
+    def _count(self, reason: str) -> None:
+        self.drops[reason] += 1
+        self.dropped += 1
+        self.last_drop = reason
 
     def _finish_single(self, chunk: Chunk) -> bytes | None:
         return self._accept(chunk.payload)
 
     def _accept(self, frame: bytes) -> bytes | None:
         if len(frame) < MIN_FRAME_SIZE:
-            self.drops["runt_frame"] += 1
+            self._count("runt_frame")
             return None
         self.completed += 1
         return frame
