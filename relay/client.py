@@ -28,7 +28,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DatagramReceived, DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted
+from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived, HandshakeCompleted
 from cryptography.hazmat.primitives import serialization
 
 from relay.errors import RelayError
@@ -124,6 +124,7 @@ class RelayClient:
         self._timer_scope: trio.CancelScope | None = None
         self._cancel = trio.CancelScope()
         self._pending_stream: int | None = None
+        self._flush_due = True
 
     # -- public API -----------------------------------------------------------------------
 
@@ -194,7 +195,11 @@ class RelayClient:
     # -- driving aioquic ------------------------------------------------------------------
 
     def _flush(self) -> None:
+        self._flush_due = False
         transmit(self._quic, self._h3, self._queue, trio.current_time(), self._send_udp)
+        self._rearm_timer()
+
+    def _rearm_timer(self) -> None:
         scope = self._timer_scope
         if scope is not None:
             timer = self._quic.get_timer()
@@ -220,6 +225,8 @@ class RelayClient:
     def _process_events(self) -> None:
         quic = self._quic
         while (event := quic.next_event()) is not None:
+            if type(event) is not DatagramFrameReceived:
+                self._flush_due = True
             if isinstance(event, HandshakeCompleted):
                 if not self._check_certificate():
                     return
@@ -337,7 +344,10 @@ class RelayClient:
             except ConnectionRefusedError:
                 self.drops["icmp_refused"] += 1
             self._process_events()
-            self._flush()
+            if self._flush_due or self._queue or self._quic._datagrams_pending:
+                self._flush()  # receiving datagrams alone needs no send: aioquic delays ACKs
+            else:
+                self._rearm_timer()
         self._cancel.cancel()
 
     async def _timer_loop(self) -> None:

@@ -186,7 +186,7 @@ class Endpoint:
             for peer in dirty.values():
                 try:
                     peer.process_events()
-                    peer.flush()
+                    peer.flush_if_due()
                 except Exception:
                     self._poisoned(peer)
             dirty.clear()

@@ -73,10 +73,10 @@ class Reassembler:
 
     def expire(self, now: float) -> None:
         """Drop partial frames older than the timeout."""
-        limit = now - self.limits.timeout
+        timeout = self.limits.timeout
         while self._partials:
             chunk_id, partial = next(iter(self._partials.items()))
-            if partial.started > limit:
+            if partial.started + timeout > now:  # the same sum as next_deadline()
                 break
             self._discard(chunk_id, "chunk_timeout")
 
