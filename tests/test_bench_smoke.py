@@ -42,6 +42,13 @@ def test_bench_smoke(tmp_path: Path) -> None:
     assert "like for like" in table.lower()
 
     saved = json.loads(json_out.read_text())
-    assert saved["params"] == {"pairs": 1, "seconds": 0.4, "size": 200, "rate": 2000, "pings": 30}
+    assert saved["params"] == {
+        "pairs": 1,
+        "seconds": 0.4,
+        "size": 200,
+        "rate": 2000,
+        "pings": 30,
+        "rounds": 1,
+    }
     relay_received = report["relay"]["throughput"]["frames_received"]
     assert saved["relay"]["throughput"]["frames_received"] == relay_received
