@@ -413,3 +413,38 @@ async def test_bad_datagrams_are_logged_counted_dropped_and_the_session_lives_on
     assert any("dropped (bad_control): control message is not JSON" in line for line in lines)
     await a.aclose()
     await b.aclose()
+
+
+async def test_a_crashing_connection_is_closed_and_the_relay_lives_on(
+    nursery: trio.Nursery, start_relay: StartRelay, caplog: pytest.LogCaptureFixture
+) -> None:
+    relay = await start_relay()
+    original = relay.relay.open_session
+
+    class Boom(RuntimeError):
+        pass
+
+    def open_faulty(peer: QuicPeer, stream_id: int, path: str, now: float) -> BavySession | int:
+        session = original(peer, stream_id, path, now)
+        assert isinstance(session, BavySession)
+
+        async def crash() -> None:
+            raise Boom("injected fault")
+
+        session.run = crash  # type: ignore[method-assign]
+        return session
+
+    relay.relay.endpoint._sessions = open_faulty
+    with caplog.at_level(logging.ERROR, logger="relay.quic"):
+        victim = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
+        with trio.fail_after(5):
+            await victim.closed.wait()
+    assert "internal error; closing the connection" in caplog.text
+    relay.relay.endpoint._sessions = original
+    a, mac_a, b, mac_b = await registered_pair(nursery, relay)
+    sent = frame(mac_a, dst=mac_b, fill=6)
+    a.send_frame(sent)
+    with trio.fail_after(5):
+        assert await b.receive_frame() == sent
+    await a.aclose()
+    await b.aclose()

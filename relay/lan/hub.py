@@ -147,6 +147,14 @@ class Hub:
                 pass
         self.frames_forwarded += 1
 
+    def _forward_guarded(self, source: int, frame: bytes) -> None:
+        try:
+            self._forward(source, frame)
+        except Exception:  # one bad frame or bug must not stop the whole network
+            self.drops["forward_error"] += 1
+            _drop_log.event("forward_error", "%s: error forwarding a frame", self.name)
+            log.debug("forward error", exc_info=True)
+
     def stop(self) -> None:
         """End the forwarding task (the network was removed)."""
         self._scope.cancel()
@@ -158,7 +166,7 @@ class Hub:
 
     async def _forward_loop(self) -> None:
         inbox = self._inbox_rx
-        forward = self._forward
+        forward = self._forward_guarded
         while True:
             source, frame = await inbox.receive()
             forward(source, frame)

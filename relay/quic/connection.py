@@ -11,6 +11,7 @@ one outbound task per WebTransport session, started in the connection's own nurs
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import socket
@@ -337,6 +338,12 @@ class QuicPeer:
                     nursery.start_soon(session.run)
                 task_status.started()
                 await self._timer_loop()
+        except Exception:  # a bug in one connection must never take the relay down
+            self.drops["connection_error"] += 1
+            log.exception("%s: internal error; closing the connection", self.label)
+            with contextlib.suppress(Exception):
+                self.quic.close(error_code=H3ErrorCode.H3_INTERNAL_ERROR, reason_phrase="error")
+                transmit(self.quic, None, self.queue, trio.current_time(), self._send)
         finally:
             self._nursery = None
             if not self.terminated:
