@@ -2,11 +2,14 @@
 # Usage: ensure_venv [extra]   (extra = "test" installs the test tools too)
 ensure_venv() {
     local extra="${1:-}"
-    if ! python3 -c 'import ensurepip' >/dev/null 2>&1 || ! command -v python3 >/dev/null; then
-        apt_install python3 python3-venv
-    fi
+    command -v python3 >/dev/null || apt_install python3
     if [ ! -x .venv/bin/python ]; then
-        python3 -m venv .venv
+        # Debian's python3 needs python3-venv (ensurepip) to make a venv.
+        if ! python3 -m venv .venv 2>/dev/null; then
+            rm -rf .venv
+            apt_install python3-venv
+            python3 -m venv .venv
+        fi
     fi
     local spec="."
     [ -n "$extra" ] && spec=".[$extra]"
