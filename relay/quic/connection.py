@@ -191,7 +191,7 @@ class QuicPeer:
         protocol = headers.get(b":protocol")
         path = headers.get(b":path", b"/").decode("utf-8", "replace").split("?", 1)[0]
         if method != b"CONNECT":
-            self._respond(event.stream_id, 405, [(b"allow", b"CONNECT")])
+            self._respond(event.stream_id, 405, ((b"allow", b"CONNECT"),))
             return
         if protocol != b"webtransport":
             self._respond(event.stream_id, 400)
@@ -212,12 +212,17 @@ class QuicPeer:
         if self._nursery is not None:
             self._nursery.start_soon(result.run)
 
-    def _respond(self, stream_id: int, status: int, extra: list[tuple[bytes, bytes]] = []) -> None:  # noqa: B006
+    def _respond(
+        self, stream_id: int, status: int, extra: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
         assert self.h3 is not None
         self.drops[f"http_{status}"] += 1
-        self.h3.send_headers(
-            stream_id, [(b":status", str(status).encode()), *extra], end_stream=True
-        )
+        try:
+            self.h3.send_headers(
+                stream_id, [(b":status", str(status).encode()), *extra], end_stream=True
+            )
+        except Exception:  # a second HEADERS on an answered stream: nothing left to say
+            self.drops["http_unanswerable"] += 1
 
     # -- outbound path --------------------------------------------------------------------
 
