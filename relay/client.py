@@ -134,13 +134,16 @@ class RelayClient:
 
     def send_datagram(self, payload: bytes) -> None:
         """Send one raw datagram payload (type byte included); never blocks."""
+        self._queue_datagram(payload)
+        self._flush()
+
+    def _queue_datagram(self, payload: bytes) -> None:
         if self.session_id is None or self.closed.is_set():
             raise ClientError("session is not open")
         if self._queue.push(
             self.session_id, payload, trio.current_time(), self.max_datagram_payload
         ):
             self.stats.datagrams_sent += 1
-        self._flush()
 
     def send_control(self, message: ControlMessage) -> None:
         self.send_datagram(encode_control(message))
@@ -148,7 +151,8 @@ class RelayClient:
     def send_frame(self, frame: bytes) -> None:
         """Send an Ethernet frame, chunked above 950 bytes as the BAVY clients do."""
         for payload in encode_frame(frame, self._chunk_ids):
-            self.send_datagram(payload)
+            self._queue_datagram(payload)
+        self._flush()
 
     async def register(self, mac: bytes) -> Assigned:
         """Register ``mac`` and wait for the relay's Assigned (or Error).

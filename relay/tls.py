@@ -86,23 +86,25 @@ def generate_self_signed(
     days: float = 13.0,
     now: datetime.datetime | None = None,
 ) -> TlsIdentity:
-    """A fresh ECDSA P-256 certificate for localhost, 127.0.0.1, ::1 and ``sans``."""
+    """A fresh ECDSA P-256 certificate for localhost, 127.0.0.1, ::1 and ``sans``, pinnable."""
     if not 0 < days <= 14:
         raise CertificateError(f"self-signed validity must be within (0, 14] days, not {days}")
-    now = now or _utcnow()
+    not_before = (now or _utcnow()) - BACKDATE
+    return self_signed(sans, not_before, not_before + datetime.timedelta(days=days))
+
+
+def self_signed(
+    sans: Sequence[str], not_before: datetime.datetime, not_after: datetime.datetime
+) -> TlsIdentity:
+    """A self-signed ECDSA P-256 certificate with exactly these dates (no pinning checks)."""
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = []
-    seen: set[str] = set()
-    for san in (*DEFAULT_SANS, *sans):
-        if san in seen:
-            continue
-        seen.add(san)
+    for san in dict.fromkeys((*DEFAULT_SANS, *sans)):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(san)))
         except ValueError:
             names.append(x509.DNSName(san))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay")])
-    not_before = now - BACKDATE
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -110,7 +112,7 @@ def generate_self_signed(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
-        .not_valid_after(not_before + datetime.timedelta(days=days))
+        .not_valid_after(not_after)
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(key, hashes.SHA256())

@@ -69,9 +69,10 @@ def relay_url(listening: Listening, path: str = "/") -> str:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """In strict mode a skip of any kind is a failure: CI must run everything it lists."""
+    """In strict mode a skip of any kind, xfail included, is a failure: CI must run and pass
+    everything it lists (an xfail would hide a real failure)."""
     outcome = yield
     report = outcome.get_result()
-    if STRICT and report.skipped and not hasattr(report, "wasxfail"):
+    if STRICT and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped in strict mode (RELAY_TEST_STRICT=1): {report.longrepr}"

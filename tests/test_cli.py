@@ -12,14 +12,17 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from typer.testing import CliRunner
 
 from relay.cli import app
 from relay.client import connect, random_mac
-from relay.tls import generate_self_signed, hash_of_pem_file, load_identity, write_identity
+from relay.tls import (
+    generate_self_signed,
+    hash_of_pem_file,
+    load_identity,
+    self_signed,
+    write_identity,
+)
 
 runner = CliRunner()
 
@@ -94,30 +97,8 @@ def _self_signed_pem(
     tmp_path: Path, name: str, start: datetime.timedelta, end: datetime.timedelta
 ) -> tuple[Path, Path]:
     """A self-signed P-256 certificate valid from now+start to now+end, and its key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + start)
-        .not_valid_after(now + end)
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
+    return write_identity(self_signed((), now + start, now + end), tmp_path / name)
 
 
 def _expired_cert(tmp_path: Path) -> tuple[Path, Path]:

@@ -42,9 +42,9 @@ class Port:
     _on_superseded: Callable[[], None]
     to_session: trio.MemorySendChannel[bytes]
     from_hub: trio.MemoryReceiveChannel[bytes]
+    connected_at: float
     mac: bytes | None = None
     ip: IPv4Address | None = None
-    connected_at: float = 0.0
     drops: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -97,9 +97,8 @@ class Hub:
         """A new session joins; it receives frames only once registered."""
         to_session, from_hub = trio.open_memory_channel[bytes](PORT_QUEUE)
         port = Port(
-            self, self._next_port, remote_host, liveness, on_superseded, to_session, from_hub
+            self, self._next_port, remote_host, liveness, on_superseded, to_session, from_hub, now
         )
-        port.connected_at = now
         self._next_port += 1
         self.ports[port.port_id] = port
         return port
@@ -133,27 +132,25 @@ class Hub:
         port.to_session.close()
 
     def _forward(self, source: int, frame: bytes) -> None:
-        for port_id, port in self.ports.items():
-            if port_id == source or port.mac is None:
-                continue
-            try:
-                port.to_session.send_nowait(frame)
-            except trio.WouldBlock:
-                port.drops["port_queue_full"] += 1
-                _drop_log.event(
-                    "port_queue_full", "%s: port %d is slow; frame dropped", self.name, port_id
-                )
-            except trio.ClosedResourceError:
-                pass
-        self.frames_forwarded += 1
-
-    def _forward_guarded(self, source: int, frame: bytes) -> None:
         try:
-            self._forward(source, frame)
+            for port_id, port in self.ports.items():
+                if port_id == source or port.mac is None:
+                    continue
+                try:
+                    port.to_session.send_nowait(frame)
+                except trio.WouldBlock:
+                    port.drops["port_queue_full"] += 1
+                    _drop_log.event(
+                        "port_queue_full", "%s: port %d is slow; frame dropped", self.name, port_id
+                    )
+                except trio.ClosedResourceError:
+                    pass
         except Exception:  # one bad frame or bug must not stop the whole network
             self.drops["forward_error"] += 1
             _drop_log.event("forward_error", "%s: error forwarding a frame", self.name)
             log.debug("forward error", exc_info=True)
+            return
+        self.frames_forwarded += 1
 
     def stop(self) -> None:
         """End the forwarding task (the network was removed)."""
@@ -166,7 +163,7 @@ class Hub:
 
     async def _forward_loop(self) -> None:
         inbox = self._inbox_rx
-        forward = self._forward_guarded
+        forward = self._forward
         while True:
             source, frame = await inbox.receive()
             forward(source, frame)

@@ -107,7 +107,6 @@ class QuicPeer:
     ) -> None:
         self.quic = quic
         self.sock = sock
-        self.remote_addr = addr
         self.remote_host = str(addr[0]).removeprefix("::ffff:")
         self.endpoint = endpoint
         self.session_factory = sessions

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from aioquic.buffer import encode_uint_var
 from aioquic.h3.connection import H3Connection
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 
@@ -23,12 +22,9 @@ def max_datagram_payload(quic: QuicConnection, session_id: int) -> int:
 
     aioquic never checks: a larger datagram would sit at the head of its queue for ever.
     """
-    return (
-        quic._max_datagram_size
-        - _DATAGRAM_OVERHEAD
-        - len(quic._peer_cid.cid)
-        - len(encode_uint_var(session_id // 4))
-    )
+    quarter = session_id >> 2  # the Quarter Stream ID varint that prefixes the payload
+    varint = 1 if quarter < 0x40 else 2 if quarter < 0x4000 else 4 if quarter < 0x40000000 else 8
+    return quic._max_datagram_size - _DATAGRAM_OVERHEAD - len(quic._peer_cid.cid) - varint
 
 
 def feed_datagrams(
