@@ -92,12 +92,27 @@ def serve(
     data_dir: Annotated[
         Path, typer.Option(envvar="RELAY_DATA_DIR", help="Directory for persistent state.")
     ] = Path("relay-data"),
+    dns_upstream: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="RELAY_DNS_UPSTREAM",
+            help="Resolver (IP or IP:port) the gateway's DNS forwards to (repeatable). "
+            "Default: the nameservers in /etc/resolv.conf.",
+        ),
+    ] = None,
+    guest_mtu: Annotated[
+        int,
+        typer.Option(
+            envvar="RELAY_GUEST_MTU",
+            help="IP MTU advertised to guests by DHCP (936: every frame fits one datagram).",
+        ),
+    ] = 936,
     log_level: Annotated[LogLevel, typer.Option(envvar="RELAY_LOG_LEVEL")] = LogLevel.info,
     log_format: Annotated[
         LogFormatChoice, typer.Option(envvar="RELAY_LOG_FORMAT")
     ] = LogFormatChoice.text,
 ) -> None:
-    """Run the relay: WebTransport on UDP, one virtual LAN per path."""
+    """Run the relay: WebTransport on UDP; / is the default LAN, /lan/NAME another one."""
     setup_logging(log_level.value, log_format.value)
     try:
         config = RelayConfig(
@@ -109,6 +124,8 @@ def serve(
             heartbeat_interval=heartbeat_interval,
             peer_timeout=peer_timeout,
             data_dir=data_dir,
+            dns_upstreams=tuple(dns_upstream or ()),
+            guest_mtu=guest_mtu,
         )
         identity = load_tls(config)
         prepare_data_dir(config)

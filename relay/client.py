@@ -32,6 +32,7 @@ from aioquic.quic.events import ConnectionTerminated, DatagramFrameReceived, Han
 from cryptography.hazmat.primitives import serialization
 
 from relay.errors import RelayError
+from relay.lan.paths import Framing, parse_path
 from relay.quic.datagram_queue import DatagramQueue
 from relay.quic.pump import max_datagram_payload, transmit
 from relay.wire.codec import (
@@ -103,6 +104,9 @@ class RelayClient:
         self._quic = quic
         self._addr = addr
         self._path = path
+        lan_path = parse_path(path)
+        self.raw = lan_path is not None and lan_path.framing is Framing.RAW
+        """Raw framing (a path ending in /raw): each datagram is one bare Ethernet frame."""
         self._authority = authority
         self._cert_hash = cert_hash
         self._h3: H3Connection | None = None
@@ -115,6 +119,8 @@ class RelayClient:
         self.drops: Counter[str] = Counter()
         self.stats = ClientStats()
         self.assigned: Assigned | None = None
+        self.mac: bytes | None = None
+        """The MAC registered with the relay."""
         self.raw_controls: deque[bytes] = deque(maxlen=16)
         """The last control datagrams exactly as received, for byte-level checks."""
         self.connected = trio.Event()
@@ -149,7 +155,11 @@ class RelayClient:
         self.send_datagram(encode_control(message))
 
     def send_frame(self, frame: bytes) -> None:
-        """Send an Ethernet frame, chunked above 950 bytes as the BAVY clients do."""
+        """Send an Ethernet frame, chunked above 950 bytes as the BAVY clients do (as is in
+        raw framing)."""
+        if self.raw:
+            self.send_datagram(frame)
+            return
         for payload in encode_frame(frame, self._chunk_ids):
             self._queue_datagram(payload)
         self._flush()
@@ -163,7 +173,7 @@ class RelayClient:
         while True:
             message = await self.receive_control()
             if isinstance(message, Assigned):
-                self.assigned = message
+                self.assigned, self.mac = message, mac
                 return message
             if isinstance(message, Error):
                 raise ClientError(f"relay refused registration: {message.message}")
@@ -186,7 +196,7 @@ class RelayClient:
     async def aclose(self, disconnect: bool = True) -> None:
         """Leave politely (Disconnect) and close QUIC."""
         if not self.closed.is_set():
-            if disconnect and self.session_id is not None:
+            if disconnect and self.session_id is not None and not self.raw:
                 try:
                     self.send_control(Disconnect())
                 except ClientError:
@@ -296,6 +306,9 @@ class RelayClient:
 
     def _datagram(self, data: bytes) -> None:
         self.stats.datagrams_received += 1
+        if self.raw:
+            self._deliver(data)
+            return
         try:
             decoded = decode_datagram_untrusted(data)
         except RelayError:
@@ -318,10 +331,13 @@ class RelayClient:
                 self.drops["control_queue_full"] += 1
             return
         if frame is not None:
-            try:
-                self._frames_tx.send_nowait(frame)
-            except trio.WouldBlock:
-                self.drops["frame_queue_full"] += 1
+            self._deliver(frame)
+
+    def _deliver(self, frame: bytes) -> None:
+        try:
+            self._frames_tx.send_nowait(frame)
+        except trio.WouldBlock:
+            self.drops["frame_queue_full"] += 1
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         try:

@@ -32,6 +32,11 @@ class RelayConfig:
     max_half_open: int = 256
     retry_above: int = 32
     always_retry: bool = False
+    dns_upstreams: tuple[str, ...] = ()
+    """Resolvers the gateway's DNS service forwards to; empty: those in /etc/resolv.conf."""
+    guest_mtu: int = 936
+    """IP MTU advertised to guests by DHCP: 936 + 14 = 950 bytes, the largest frame the BAVY
+    framing carries in one datagram."""
 
     def __post_init__(self) -> None:
         if (self.cert_pem is None) != (self.key_pem is None):
@@ -49,5 +54,7 @@ class RelayConfig:
             )
         if self.registration_timeout <= 0:
             raise ConfigError("registration timeout must be positive")
+        if not 576 <= self.guest_mtu <= 1400:
+            raise ConfigError("--guest-mtu must be within 576-1400")
         if not self.binds:
             raise ConfigError("at least one --bind address is needed")

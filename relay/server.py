@@ -13,10 +13,16 @@ from aioquic.quic.configuration import QuicConfiguration
 
 from relay.config import RelayConfig
 from relay.errors import ConfigError
-from relay.lan.hub import Lans
+from relay.gateway.core import GatewaySettings
+from relay.gateway.dns_forwarder import DnsForwarder
+from relay.gateway.dns_messages import Upstream, parse_upstream, read_resolv_conf
+from relay.lan.leases import LeaseDatabase
+from relay.lan.network import Lans
+from relay.lan.paths import Framing, parse_path
 from relay.quic.connection import QuicPeer
 from relay.quic.endpoint import AdmissionLimits, Endpoint
 from relay.session.core import Timeouts
+from relay.session.raw import RawSession
 from relay.session.service import BavySession
 from relay.tls import TlsIdentity, generate_self_signed, load_identity
 
@@ -45,6 +51,21 @@ def prepare_data_dir(config: RelayConfig) -> None:
         raise ConfigError(
             f"cannot create data directory {config.data_dir}: {exc.strerror}"
         ) from None
+
+
+def dns_upstreams(config: RelayConfig) -> tuple[Upstream, ...]:
+    """``--dns-upstream``, else the host's resolvers."""
+    if config.dns_upstreams:
+        return tuple(parse_upstream(text) for text in config.dns_upstreams)
+    try:
+        with open("/etc/resolv.conf", encoding="utf-8", errors="replace") as file:
+            upstreams = read_resolv_conf(file.read())
+    except OSError as exc:
+        log.warning("cannot read /etc/resolv.conf (%s); DNS answers SERVFAIL", exc.strerror)
+        return ()
+    if not upstreams:
+        log.warning("no nameserver in /etc/resolv.conf; DNS answers SERVFAIL")
+    return upstreams
 
 
 def quic_configuration(config: RelayConfig, identity: TlsIdentity) -> QuicConfiguration:
@@ -92,15 +113,20 @@ class Relay:
 
     def open_session(
         self, peer: QuicPeer, stream_id: int, path: str, now: float
-    ) -> BavySession | int:
-        """Accept a WebTransport CONNECT on any path; the path names the LAN."""
-        if len(path) > MAX_PATH or not path.startswith("/"):
+    ) -> BavySession | RawSession | int:
+        """Accept a WebTransport CONNECT; the path names the LAN and the framing."""
+        if len(path) > MAX_PATH:
             return 400
-        hub = self.lans.get(path)
-        if hub is None:
+        lan_path = parse_path(path)
+        if lan_path is None:
+            return 404
+        network = self.lans.get(lan_path.lan)
+        if network is None:
             return 503
         log.info("%s: WebTransport session on %s (stream %d)", peer.label, path, stream_id)
-        return BavySession(peer, stream_id, hub, self.timeouts, now)
+        if lan_path.framing is Framing.RAW:
+            return RawSession(peer, stream_id, network, now)
+        return BavySession(peer, stream_id, network, self.timeouts, now)
 
 
 def _url_host(host: str) -> str:
@@ -120,8 +146,16 @@ async def serve(
     out = out or sys.stdout
     identity = identity or load_tls(config)
     prepare_data_dir(config)
+    upstreams = dns_upstreams(config)
+    leases = LeaseDatabase.in_dir(config.data_dir)
     async with trio.open_nursery() as nursery:
-        lans = Lans(nursery, takeover_after=2 * config.heartbeat_interval)
+        lans = Lans(
+            nursery,
+            takeover_after=2 * config.heartbeat_interval,
+            allocator_factory=leases.pool,
+            dns=DnsForwarder(upstreams),
+            gateway=GatewaySettings(mtu=config.guest_mtu),
+        )
         relay = Relay(config, identity, lans)
         try:
             addresses = await nursery.start(
@@ -144,3 +178,4 @@ async def serve(
             # browsers reconnect at once instead of waiting out an idle timeout.
             relay.endpoint.close_all()
             nursery.cancel_scope.cancel()
+            leases.close()

@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Awaitable, Callable
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -48,11 +49,17 @@ StartRelay = Callable[..., Awaitable[Listening]]
 
 
 @pytest.fixture
-def start_relay(nursery: trio.Nursery) -> StartRelay:
-    """Start an in-process relay on 127.0.0.1 (ephemeral port); keyword args override config."""
+def start_relay(nursery: trio.Nursery, tmp_path: Path) -> StartRelay:
+    """Start an in-process relay on 127.0.0.1 (ephemeral port, leases under ``tmp_path``,
+    DNS forwarded to an address nobody answers); keyword args override config."""
 
     async def start(**overrides: Any) -> Listening:
-        settings: dict[str, Any] = {"binds": ("127.0.0.1",), "port": 0}
+        settings: dict[str, Any] = {
+            "binds": ("127.0.0.1",),
+            "port": 0,
+            "data_dir": tmp_path / "relay-data",
+            "dns_upstreams": ("127.0.0.1:9",),
+        }
         settings.update(overrides)
         config = RelayConfig(**settings)
         listening: Listening = await nursery.start(partial(serve, config, out=io.StringIO()))

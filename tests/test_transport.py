@@ -13,6 +13,7 @@ from aioquic.quic.packet import encode_quic_version_negotiation
 from conftest import StartRelay, relay_url
 
 from relay.client import ClientError, RelayClient, connect, random_mac
+from relay.packets import build
 from relay.quic.connection import QuicPeer
 from relay.server import Listening
 from relay.session.service import BavySession
@@ -21,9 +22,12 @@ from relay.wire.messages import Heartbeat, Register
 BROADCAST = b"\xff" * 6
 
 
-def frame(src: bytes, dst: bytes = BROADCAST, size: int = 64, fill: int = 0) -> bytes:
-    body = bytes((fill + i * 7) & 0xFF for i in range(size - 14))
-    return dst + src + b"\x88\xb5" + body
+def frame(src: RelayClient, dst: bytes = BROADCAST, size: int = 64, fill: int = 0) -> bytes:
+    """A UDP frame of ``size`` bytes from a registered client's MAC and address (anything
+    else is dropped by port security)."""
+    assert src.mac is not None and src.assigned is not None
+    body = bytes((fill + i * 7) & 0xFF for i in range(size - 42))
+    return build.udp_frame(dst, src.mac, src.assigned.ip.packed, b"\x0a\x00\x02\xff", 9, 9, body)
 
 
 async def registered_pair(
@@ -93,14 +97,14 @@ async def test_frames_flood_to_other_sessions_of_the_same_path_only(
     nursery: trio.Nursery, start_relay: StartRelay
 ) -> None:
     relay = await start_relay()
-    a, mac_a, b, mac_b = await registered_pair(nursery, relay, "/lan/one")
+    a, mac_a, b, _mac_b = await registered_pair(nursery, relay, "/lan/one")
     other = await connect(nursery, relay_url(relay, "/lan/two"), cert_hash=relay.identity.hash_hex)
     await other.register(random_mac())
-    sent = frame(mac_a, fill=1)
+    sent = frame(a, fill=1)
     a.send_frame(sent)
     with trio.fail_after(5):
         assert await b.receive_frame() == sent
-    reply = frame(mac_b, dst=mac_a, fill=2)
+    reply = frame(b, dst=mac_a, fill=2)
     b.send_frame(reply)
     with trio.fail_after(5):
         assert await a.receive_frame() == reply
@@ -110,7 +114,7 @@ async def test_frames_flood_to_other_sessions_of_the_same_path_only(
         other.frames.receive_nowait()
     with pytest.raises(trio.WouldBlock):
         a.frames.receive_nowait()
-    assert relay.relay.lans.hubs["/lan/one"].frames_forwarded == 2
+    assert relay.relay.lans.networks["one"].switch.frames_switched == 2
     for c in (a, b, other):
         await c.aclose()
 
@@ -120,8 +124,8 @@ async def test_full_size_frame_crosses_chunked_both_ways(
 ) -> None:
     relay = await start_relay()
     a, mac_a, b, mac_b = await registered_pair(nursery, relay)
-    big_ab = frame(mac_a, dst=mac_b, size=1514, fill=3)
-    big_ba = frame(mac_b, dst=mac_a, size=1514, fill=4)
+    big_ab = frame(a, dst=mac_b, size=1514, fill=3)
+    big_ba = frame(b, dst=mac_a, size=1514, fill=4)
     a.send_frame(big_ab)
     b.send_frame(big_ba)
     with trio.fail_after(5):
@@ -139,7 +143,7 @@ async def test_peer_timeout_closes_the_session_so_the_client_reconnects(
     client = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
     mac = random_mac()
     first = await client.register(mac)
-    hub = relay.relay.lans.hubs["/"]
+    hub = relay.relay.lans.networks["default"]
     assert hub.owners.owner(mac) is not None
     with trio.fail_after(5):
         await client.closed.wait()  # silent client: QUIC stays up, the session does not
@@ -171,13 +175,13 @@ async def test_reconnect_same_mac_same_ip_and_old_cleanup_spares_the_new_session
     with trio.fail_after(5):
         await old.closed.wait()  # the superseded session is closed, not left dangling
     # The new session still owns the MAC and still gets frames after the old one's cleanup.
-    hub = relay.relay.lans.hubs["/"]
+    hub = relay.relay.lans.networks["default"]
     owner = hub.owners.owner(mac)
     assert owner is not None and owner.mac == mac
     peer = await connect(nursery, url, cert_hash=h)
     peer_mac = random_mac()
     await peer.register(peer_mac)
-    sent = frame(peer_mac, dst=mac, fill=9)
+    sent = frame(peer, dst=mac, fill=9)
     peer.send_frame(sent)
     with trio.fail_after(5):
         assert await new.receive_frame() == sent
@@ -189,7 +193,7 @@ async def test_oversized_datagram_never_stalls_later_ones(
     nursery: trio.Nursery, start_relay: StartRelay
 ) -> None:
     relay = await start_relay()
-    a, mac_a, b, mac_b = await registered_pair(nursery, relay)
+    a, _mac_a, b, mac_b = await registered_pair(nursery, relay)
     # Relay side: push a datagram larger than any packet straight into b's connection.
     peer, stream_id = relay_side_session(relay, mac_b)
     peer.queue_datagram(stream_id, b"\x01" + bytes(1400))
@@ -199,10 +203,10 @@ async def test_oversized_datagram_never_stalls_later_ones(
     a.send_datagram(b"\x01" + bytes(1400))
     assert a._queue.drops["oversized"] == 1
     for i in range(20):
-        a.send_frame(frame(mac_a, dst=mac_b, fill=i))
+        a.send_frame(frame(a, dst=mac_b, fill=i))
     with trio.fail_after(5):
         got = [await b.receive_frame() for _ in range(20)]
-    assert got == [frame(mac_a, dst=mac_b, fill=i) for i in range(20)]
+    assert got == [frame(a, dst=mac_b, fill=i) for i in range(20)]
     await a.aclose()
     await b.aclose()
 
@@ -329,7 +333,7 @@ async def test_pool_exhaustion_sends_error_and_closes_cleanly(
     relay.relay.lans.allocator_factory = lambda _path: MemoryPool(
         IPv4Address("10.0.2.10"), IPv4Address("10.0.2.10")
     )
-    url, h = relay_url(relay, "/tiny"), relay.identity.hash_hex
+    url, h = relay_url(relay, "/lan/tiny"), relay.identity.hash_hex
     first = await connect(nursery, url, cert_hash=h)
     assert (await first.register(random_mac())).ip == IPv4Address("10.0.2.10")
     second = await connect(nursery, url, cert_hash=h)
@@ -368,17 +372,17 @@ async def test_idle_networks_give_way_at_the_cap(
     lans = relay.relay.lans
     lans.max_networks = 2
     h = relay.identity.hash_hex
-    busy = await connect(nursery, relay_url(relay, "/busy"), cert_hash=h)
+    busy = await connect(nursery, relay_url(relay, "/lan/busy"), cert_hash=h)
     await busy.register(random_mac())
-    idle = await connect(nursery, relay_url(relay, "/idle"), cert_hash=h)
+    idle = await connect(nursery, relay_url(relay, "/lan/idle"), cert_hash=h)
     await idle.aclose()
     await trio.testing.wait_all_tasks_blocked()  # the relay has processed the close
-    assert not lans.hubs["/idle"].ports
-    newcomer = await connect(nursery, relay_url(relay, "/new"), cert_hash=h)
+    assert not lans.networks["idle"].ports
+    newcomer = await connect(nursery, relay_url(relay, "/lan/new"), cert_hash=h)
     await newcomer.register(random_mac())
-    assert set(lans.hubs) == {"/busy", "/new"} and lans.evicted == 1
+    assert set(lans.networks) == {"busy", "new"} and lans.evicted == 1
     with pytest.raises(ClientError, match="HTTP 503"):
-        await connect(nursery, relay_url(relay, "/another"), cert_hash=h, handshake_timeout=5)
+        await connect(nursery, relay_url(relay, "/lan/another"), cert_hash=h, handshake_timeout=5)
     await busy.aclose()
     await newcomer.aclose()
 
@@ -394,7 +398,7 @@ async def test_bad_datagrams_are_logged_counted_dropped_and_the_session_lives_on
             for payload in junk:
                 a.send_datagram(payload)
             await trio.lowlevel.checkpoint()
-        sent = frame(mac_a, dst=mac_b, fill=5)
+        sent = frame(a, dst=mac_b, fill=5)
         a.send_frame(sent)
         with trio.fail_after(5):
             assert await b.receive_frame() == sent  # the session survived all of it
@@ -441,8 +445,8 @@ async def test_a_crashing_connection_is_closed_and_the_relay_lives_on(
             await victim.closed.wait()
     assert "internal error; closing the connection" in caplog.text
     relay.relay.endpoint._sessions = original
-    a, mac_a, b, mac_b = await registered_pair(nursery, relay)
-    sent = frame(mac_a, dst=mac_b, fill=6)
+    a, _mac_a, b, mac_b = await registered_pair(nursery, relay)
+    sent = frame(a, dst=mac_b, fill=6)
     a.send_frame(sent)
     with trio.fail_after(5):
         assert await b.receive_frame() == sent

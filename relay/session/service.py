@@ -2,18 +2,19 @@
 its LAN port.
 
 Inbound datagrams arrive synchronously from the connection (no task hop); frames leave for
-the hub over its bounded channel. Frames for the session come back over the port's own
-bounded channel and are drained in batches by :meth:`BavySession.run`, the one task this
-session owns.
+the switch over its bounded channel. Frames for the session come back over the port's own
+bounded channel and are drained in batches by :func:`carry_frames`, the one task a session
+owns (the raw-framing session in :mod:`relay.session.raw` shares it).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
-from relay.lan.hub import Hub, Registration
+from relay.lan.network import Network, Port, Registration
 from relay.logs import RateLimitedLog
 from relay.quic.connection import QuicPeer
 from relay.session.core import (
@@ -35,13 +36,13 @@ class BavySession:
     """One registered (or registering) VM."""
 
     def __init__(
-        self, peer: QuicPeer, stream_id: int, hub: Hub, timeouts: Timeouts, now: float
+        self, peer: QuicPeer, stream_id: int, network: Network, timeouts: Timeouts, now: float
     ) -> None:
         self.peer = peer
         self.stream_id = stream_id
-        self.hub = hub
+        self.network = network
         self.core = SessionProtocol(now, timeouts)
-        self.port = hub.attach(peer.remote_host, self._last_seen, self._superseded, now)
+        self.port = network.attach(peer.remote_host, self._last_seen, self._superseded, now)
         self.label = f"{peer.label}#{stream_id}"
         self._cancel = trio.CancelScope()
         self._drop_log = RateLimitedLog(log)
@@ -73,7 +74,7 @@ class BavySession:
         """The WebTransport session is gone, whoever ended it."""
         shutdown = reason == CloseReason.SHUTDOWN
         self.core.close(CloseReason.SHUTDOWN if shutdown else CloseReason.TRANSPORT_CLOSED)
-        self.hub.detach(self.port)
+        self.network.detach(self.port)
         self._cancel.cancel()
         mac = self.core.mac
         log.info(
@@ -102,14 +103,14 @@ class BavySession:
                 self.peer.close_session(self.stream_id, reason=str(output.reason))
 
     def _register(self, mac: bytes, now: float) -> None:
-        result = self.hub.register(self.port, mac, now)
+        result = self.network.register(self.port, mac, now)
         if isinstance(result, Registration):
             log.info(
                 "%s: registered %s as %s on %s",
                 self.label,
                 format_mac(mac),
                 result.assigned.ip,
-                self.hub.name,
+                self.network.name,
             )
             self._apply(self.core.accept_registration(result.assigned), now)
             self._deadline_changed()
@@ -126,20 +127,25 @@ class BavySession:
     # -- the session's task ---------------------------------------------------------------
 
     async def run(self) -> None:
-        """Carry frames from the hub to the client, a batch per wake-up."""
-        inbox = self.port.from_hub
-        peer, stream_id, encode = self.peer, self.stream_id, self.core.encode_frame
         with self._cancel:
-            while True:
-                try:
-                    frame = await inbox.receive()
-                except (trio.EndOfChannel, trio.ClosedResourceError):
-                    return
-                while True:
-                    for payload in encode(frame):
-                        peer.queue_datagram(stream_id, payload)
-                    try:
-                        frame = inbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                        break
-                peer.flush()
+            await carry_frames(self.port, self.peer, self.stream_id, self.core.encode_frame)
+
+
+async def carry_frames(
+    port: Port, peer: QuicPeer, stream_id: int, encode: Callable[[bytes], list[bytes]]
+) -> None:
+    """Carry frames from the switch to the client, a batch per wake-up, one flush each."""
+    inbox = port.from_switch
+    while True:
+        try:
+            frame = await inbox.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            return
+        while True:
+            for payload in encode(frame):
+                peer.queue_datagram(stream_id, payload)
+            try:
+                frame = inbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        peer.flush()
