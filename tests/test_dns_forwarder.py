@@ -65,9 +65,9 @@ class Dnsmasq:
         address = (self.upstream.host, self.upstream.port)
         with socket.create_connection(address, timeout=2) as sock:
             sock.sendall(struct.pack("!H", len(query)) + query)
-            stream = sock.makefile("rb")
-            (length,) = struct.unpack("!H", stream.read(2))
-            answer: bytes = stream.read(length)
+            with sock.makefile("rb") as stream:
+                (length,) = struct.unpack("!H", stream.read(2))
+                answer: bytes = stream.read(length)
             return answer
 
 

@@ -92,11 +92,19 @@ def test_dns_query_becomes_a_request_and_its_answer_a_frame() -> None:
     assert len(outputs) == 1 and isinstance(outputs[0], DnsRequest)
     request = outputs[0]
     assert (request.query, request.client_port, request.server_ip) == (query, 10053, ip(3))
-    assert request.max_udp_size == 936 - 28
+    assert request.max_udp_size == 512  # no EDNS: the classic limit
     answer = dpkt.ethernet.Ethernet(Gateway().dns_answer(request, b"answer"))
     assert (answer.dst, answer.data.src, answer.data.dst) == (VM.mac, ip(3), VM.ip)
     assert (answer.data.data.sport, answer.data.data.dport) == (53, 10053)
     assert answer.data.data.data == b"answer"
+
+
+def test_dns_answer_size_follows_edns_and_the_mtu() -> None:
+    opt = dpkt.dns.DNS.RR(name="", type=41, cls=1232)
+    query = bytes(dpkt.dns.DNS(id=5, qd=[dpkt.dns.DNS.Q(name="a.test")], ar=[opt]))
+    outputs = serve(udp_frame(VM.mac, GATEWAY_MAC, VM.ip, ip(3), 10053, 53, query))
+    assert isinstance(outputs[0], DnsRequest)
+    assert outputs[0].max_udp_size == 936 - 28  # the MTU is smaller than the EDNS buffer
 
 
 def test_outside_destinations_go_to_the_nat_and_lan_ones_are_misrouted() -> None:

@@ -19,7 +19,7 @@ import dpkt
 
 from relay.errors import RemoteProtocolError
 from relay.gateway.dhcp import DhcpServer, DhcpSettings
-from relay.gateway.dns_messages import check_query
+from relay.gateway.dns_messages import check_query, udp_size_limit
 from relay.lan.port_security import Binding
 from relay.packets import build
 from relay.packets.headers import IPPROTO_ICMP, IPPROTO_UDP, FrameHeader
@@ -162,16 +162,19 @@ class Gateway:
             return self._icmp(payload, ip.dst, sender)
         if ip.proto == IPPROTO_UDP and ip.ports is not None and ip.ports[1] == DNS_PORT:
             udp = _parse(dpkt.udp.UDP, payload, "udp")
-            check_query(udp.data)
+            query = bytes(udp.data)
+            check_query(query)
             self.stats.answered["dns_query"] += 1
             return [
                 DnsRequest(
-                    query=bytes(udp.data),
+                    query=query,
                     client_mac=sender.mac,
                     client_ip=sender.ip,
                     client_port=int(udp.sport),
                     server_ip=ip.dst,
-                    max_udp_size=self.settings.mtu - IP_HEADER - UDP_HEADER,
+                    max_udp_size=min(
+                        self.settings.mtu - IP_HEADER - UDP_HEADER, udp_size_limit(query)
+                    ),
                 )
             ]
         raise GatewayDrop("no service on this port of the gateway", reason="no_service")

@@ -48,7 +48,10 @@ class DnsForwarder:
 
     Worst case a query takes ``attempts * len(upstreams) * timeout`` seconds (twice that per
     upstream that answers TC=1 and then fails over TCP). The gateway spawns one task per query
-    and checks :meth:`busy` first; it counts the queries it drops in ``stats["refused_busy"]``.
+    and checks :meth:`busy` first, dropping (and counting) queries while it is true.
+
+    ``stats`` keys: queries, udp_answers, udp_errors, timeouts, mismatched, tcp_fallback,
+    tcp_answers, tcp_errors, tcp_timeouts, truncated, partial_answers, servfail.
     """
 
     def __init__(

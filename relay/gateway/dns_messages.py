@@ -20,6 +20,7 @@ from relay.errors import ConfigError, RemoteProtocolError
 
 HEADER_SIZE = 12
 MAX_QUERY_SIZE = 4096
+CLASSIC_UDP_SIZE = 512
 """Largest query accepted from a guest: a question plus an OPT record never comes close."""
 MAX_NAME_SIZE = 255
 """RFC 1035 §2.3.4: a name on the wire, length octets and the root label included."""
@@ -207,3 +208,17 @@ def truncated(response: bytes) -> bytes:
 def is_truncated(response: bytes) -> bool:
     """Whether the TC bit is set (the caller has already checked the header is there)."""
     return len(response) >= HEADER_SIZE and bool(response[2] << 8 & _TC)
+
+
+def udp_size_limit(query: bytes) -> int:
+    """The largest UDP answer ``query``'s sender accepts: its EDNS buffer size (RFC 6891), or
+    512 without EDNS (RFC 1035). Looks for the OPT record where queries carry it: first in the
+    additional section, with no answer or authority records."""
+    _, _, _, ancount, nscount, arcount = _header(query)
+    if ancount or nscount or not arcount:
+        return CLASSIC_UDP_SIZE
+    offset = _question(query).end
+    if query[offset : offset + 3] != b"\x00\x00\x29" or len(query) < offset + 5:
+        return CLASSIC_UDP_SIZE
+    (size,) = struct.unpack_from("!H", query, offset + 3)
+    return max(CLASSIC_UDP_SIZE, int(size))

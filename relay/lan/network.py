@@ -39,6 +39,8 @@ PORT_QUEUE = 256
 INBOX_QUEUE = 1024
 """Frames queued from all sessions towards the switch."""
 GATEWAY_PORT = 0
+DNS_PER_VM = 8
+"""DNS queries one VM may have in flight; more are dropped (the guest retries)."""
 SWEEP_INTERVAL = 30.0
 """Seconds between sweeps of aged MAC entries."""
 
@@ -115,6 +117,7 @@ class Network:
         self._scope = trio.CancelScope()
         self._tasks: trio.Nursery | None = None
         self._next_sweep = now + SWEEP_INTERVAL
+        self._dns_inflight: Counter[bytes] = Counter()
 
     # -- ports (called from session tasks) --------------------------------------------------
 
@@ -277,14 +280,20 @@ class Network:
         if dns is None or self._tasks is None:
             self.drops["dns_unavailable"] += 1
             return
-        if dns.busy():
+        if dns.busy() or self._dns_inflight[request.client_mac] >= DNS_PER_VM:
             self.drops["dns_busy"] += 1
             _drop_log.event("dns_busy", "%s: too many DNS queries in flight", self.name)
             return
+        self._dns_inflight[request.client_mac] += 1
         self._tasks.start_soon(self._answer_dns, dns, request)
 
     async def _answer_dns(self, dns: DnsForwarder, request: DnsRequest) -> None:
-        response = await dns.resolve(request.query, max_udp_size=request.max_udp_size)
+        try:
+            response = await dns.resolve(request.query, max_udp_size=request.max_udp_size)
+        finally:
+            self._dns_inflight[request.client_mac] -= 1
+            if not self._dns_inflight[request.client_mac]:
+                del self._dns_inflight[request.client_mac]
         try:
             self.inbox.send_nowait((GATEWAY_PORT, self.gateway.dns_answer(request, response)))
         except trio.WouldBlock:
