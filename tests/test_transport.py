@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
+from typing import Any
 
 import pytest
 import trio
@@ -271,6 +273,28 @@ async def test_junk_initial_flood_is_capped_and_answered_with_retry(
     # A real client still gets in (aioquic's client follows the Retry).
     client = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
     assert (await client.register(random_mac())).ip.packed[:3] == bytes([10, 0, 2])
+    await client.aclose()
+
+
+async def test_retry_token_is_honoured_after_the_load_has_passed(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    """The client comes back with its token once the handshake count is below the Retry
+    threshold again: the token must still be validated and used (else aioquic's client sees
+    the wrong original connection id and aborts)."""
+    relay = await start_relay(always_retry=True)
+    endpoint = relay.relay.endpoint
+    create_token = endpoint._retry.create_token
+
+    def create_token_then_calm_down(*args: Any, **kwargs: Any) -> bytes:
+        endpoint.limits = dataclasses.replace(endpoint.limits, always_retry=False)
+        return create_token(*args, **kwargs)
+
+    endpoint._retry.create_token = create_token_then_calm_down  # type: ignore[method-assign]
+    client = await connect(nursery, relay_url(relay), cert_hash=relay.identity.hash_hex)
+    await client.register(random_mac())
+    assert endpoint.retries_sent == 1
+    assert not endpoint.drops["bad_retry_token"]
     await client.aclose()
 
 

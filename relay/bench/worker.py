@@ -3,8 +3,9 @@
 The runner starts it as ``python -m relay.bench.worker --role ... --mode ...`` and talks to it
 over pipes, one line at a time:
 
-* worker → runner (stdout): ``{"event": "ready"}`` once connected (and registered, in relay
-  mode), then ``{"event": "result", ...}`` with its figures. Nothing else goes to stdout.
+* worker → runner (stdout): ``{"event": "ready", "ip": ...}`` once connected (and registered,
+  in relay mode, with the address the relay assigned), then ``{"event": "result", ...}``
+  with its figures. Nothing else goes to stdout.
 * runner → worker (stdin): ``go`` starts the measurement, ``stop`` ends it (sinks and pongs
   stop counting; everybody closes). End of file means ``stop``: a worker never outlives a
   runner that died.
@@ -24,7 +25,9 @@ Roles:
     send every frame back (through the relay: the ``ping`` peer on the same LAN).
 
 In ``relay`` mode the worker registers its MAC first; in ``echo`` mode it does not (the echo
-server does not speak Register). Frames carry the pair index, a sequence number and a
+server does not speak Register). Frames are IPv4/UDP to the discard port, from the worker's
+assigned address to ``--peer-ip`` (the switch's port security drops any other source address
+and any non-IP EtherType); their payload is the pair index, a sequence number and a
 ``time.monotonic()`` send time (CLOCK_MONOTONIC is system-wide, so one-way delays between
 processes on one host are meaningful).
 """
@@ -41,6 +44,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ipaddress import IPv4Address
 from typing import Any
 
 import trio
@@ -48,11 +52,16 @@ import trio
 from relay.client import RelayClient, connect, random_mac
 from relay.errors import RelayError
 
-ETHERTYPE = 0x88B5
-"""IEEE 802 "local experimental" EtherType: nobody on a real LAN would parse it."""
+UDP_PORT = 9
+"""The discard port: a stray benchmark frame reaching a real host is ignored."""
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
 _HEADER = struct.Struct("!IQd")
-"""Pair index, sequence number, send time — right after the 14-byte Ethernet header."""
-MIN_SIZE = 14 + _HEADER.size
+"""Pair index, sequence number, send time — right after the Ethernet, IPv4 and UDP headers."""
+_PAYLOAD_AT = 14 + _IPV4.size + _UDP.size
+MIN_SIZE = _PAYLOAD_AT + _HEADER.size
+ECHO_IP = IPv4Address("10.0.2.15")
+"""The source address of frames the echo baseline bounces (it registers nothing)."""
 MAX_SIZE = 1514
 
 BURST = 32
@@ -96,13 +105,33 @@ def thin(values: list[float], limit: int = SAMPLES) -> list[float]:
     return [values[int(i * step)] for i in range(limit)]
 
 
-class FrameMaker:
-    """Builds this worker's frames: Ethernet header, then pair, sequence, time, padding."""
+def _checksum(header: bytes) -> int:
+    total = sum(int(word) for word in struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
-    def __init__(self, src: bytes, dst: bytes, pair: int, size: int) -> None:
+
+class FrameMaker:
+    """Builds this worker's frames: IPv4/UDP from the port's own address (what the switch's
+    port security lets through), then pair, sequence, send time and padding."""
+
+    def __init__(
+        self,
+        src: bytes,
+        dst: bytes,
+        src_ip: IPv4Address,
+        dst_ip: IPv4Address,
+        pair: int,
+        size: int,
+    ) -> None:
         if not MIN_SIZE <= size <= MAX_SIZE:
             raise WorkerError(f"frame size must be within {MIN_SIZE}-{MAX_SIZE}, not {size}")
-        self._prefix = dst + src + ETHERTYPE.to_bytes(2, "big")
+        ip_length = size - 14
+        ip = [0x45, 0, ip_length, 0, 0x4000, 64, 17, 0, src_ip.packed, dst_ip.packed]
+        ip[7] = _checksum(_IPV4.pack(*ip))
+        udp = _UDP.pack(UDP_PORT, UDP_PORT, ip_length - _IPV4.size, 0)  # checksum 0: none
+        self._prefix = dst + src + b"\x08\x00" + _IPV4.pack(*ip) + udp
         self._padding = bytes(size - MIN_SIZE)
         self._pair = pair
         self._pack = _HEADER.pack
@@ -113,10 +142,20 @@ class FrameMaker:
 
 def parse_frame(frame: bytes) -> tuple[int, int, float] | None:
     """(pair, sequence, send time) of a benchmark frame, or None for anything else."""
-    if len(frame) < MIN_SIZE or frame[12:14] != b"\x88\xb5":
+    if (
+        len(frame) < MIN_SIZE
+        or frame[12:14] != b"\x08\x00"
+        or frame[23] != 17
+        or frame[36:38] != b"\x00\x09"
+    ):
         return None
-    pair, seq, sent_at = _HEADER.unpack_from(frame, 14)
+    pair, seq, sent_at = _HEADER.unpack_from(frame, _PAYLOAD_AT)
     return pair, seq, sent_at
+
+
+def turn_around(frame: bytes) -> bytes:
+    """``frame`` back to its sender: MACs and IPv4 addresses swapped (the checksum holds)."""
+    return frame[6:12] + frame[0:6] + frame[12:26] + frame[30:34] + frame[26:30] + frame[34:]
 
 
 class Control:
@@ -302,7 +341,7 @@ async def pong(client: RelayClient, delays: list[float]) -> None:
     """Send every frame back with the MACs swapped; record its one-way delay."""
 
     def bounce(frame: bytes, now: float) -> None:
-        client.send_frame(frame[6:12] + frame[0:6] + frame[12:])
+        client.send_frame(turn_around(frame))
         parsed = parse_frame(frame)
         if parsed is not None and parsed[1] >= PING_WARMUP:
             delays.append(now - parsed[2])
@@ -318,7 +357,8 @@ def client_drops(client: RelayClient) -> dict[str, int]:
 
 async def run_role(args: argparse.Namespace, client: RelayClient, control: Control) -> None:
     mac, peer_mac = bytes.fromhex(args.mac), bytes.fromhex(args.peer_mac)
-    maker = FrameMaker(mac, peer_mac, args.pair, args.size)
+    own_ip = client.assigned.ip if client.assigned is not None else ECHO_IP
+    maker = FrameMaker(mac, peer_mac, own_ip, args.peer_ip, args.pair, args.size)
     rate = args.rate or None
     await control.go.wait()
     cpu_before = cpu_seconds()
@@ -367,7 +407,8 @@ async def worker(args: argparse.Namespace) -> None:
             try:
                 if args.mode == "relay":
                     await client.register(bytes.fromhex(args.mac))
-                emit("ready", role=args.role, pair=args.pair)
+                ip = client.assigned.ip if client.assigned is not None else None
+                emit("ready", role=args.role, pair=args.pair, ip=ip and str(ip))
                 await run_role(args, client, control)
                 await control.stop.wait()
             finally:
@@ -395,6 +436,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mac", default=None)
     parser.add_argument("--peer-mac", default="ffffffffffff")
     parser.add_argument(
+        "--peer-ip",
+        type=IPv4Address,
+        default=ECHO_IP,
+        help="destination address of the frames (the receiver's, through the relay)",
+    )
+    parser.add_argument(
         "--timeout",
         type=float,
         default=None,
@@ -411,7 +458,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _leaf(exc: BaseException) -> BaseException:
+def leaf_exception(exc: BaseException) -> BaseException:
     """The one exception inside nested single-exception groups (or ``exc`` itself)."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
@@ -423,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(worker, args)
     except BaseException as exc:
-        leaf = _leaf(exc)
+        leaf = leaf_exception(exc)
         if isinstance(leaf, KeyboardInterrupt):
             return 130
         if isinstance(leaf, trio.TooSlowError):

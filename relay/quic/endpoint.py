@@ -278,29 +278,9 @@ class Endpoint:
         if header.version is None:  # not a long header: cannot be an Initial
             self._drop("unknown_connection", addr)
             return None
-        if limits.always_retry or half_open >= limits.retry_above:
-            if not header.token:
-                retry_cid = os.urandom(8)
-                token = self._retry.create_token(
-                    address=addr,
-                    original_destination_connection_id=header.destination_cid,
-                    retry_source_connection_id=retry_cid,
-                    now=now,
-                )
-                send_udp(
-                    sock,
-                    encode_quic_retry(
-                        version=header.version,
-                        source_cid=retry_cid,
-                        destination_cid=header.source_cid,
-                        original_destination_cid=header.destination_cid,
-                        retry_token=token,
-                    ),
-                    addr,
-                    self.drops,
-                )
-                self.retries_sent += 1
-                return None
+        if header.token:
+            # A Retry token is checked whatever the load now: the load that made us send
+            # the Retry may have passed by the time the client comes back with it.
             try:
                 original_dcid = self._retry.validate_token(
                     address=addr,
@@ -312,6 +292,28 @@ class Endpoint:
                 self._drop("bad_retry_token", addr)
                 return None
             retry_scid = header.destination_cid
+        elif limits.always_retry or half_open >= limits.retry_above:
+            retry_cid = os.urandom(8)
+            token = self._retry.create_token(
+                address=addr,
+                original_destination_connection_id=header.destination_cid,
+                retry_source_connection_id=retry_cid,
+                now=now,
+            )
+            send_udp(
+                sock,
+                encode_quic_retry(
+                    version=header.version,
+                    source_cid=retry_cid,
+                    destination_cid=header.source_cid,
+                    original_destination_cid=header.destination_cid,
+                    retry_token=token,
+                ),
+                addr,
+                self.drops,
+            )
+            self.retries_sent += 1
+            return None
         quic = QuicConnection(
             configuration=configuration,
             original_destination_connection_id=original_dcid,
