@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import trio
 import typer
@@ -17,6 +18,11 @@ from relay.errors import ConfigError
 from relay.logs import setup_logging
 from relay.server import load_tls, prepare_data_dir
 from relay.tls import TlsIdentity
+
+if TYPE_CHECKING:
+    from relay.tap.attach import AttachSettings
+    from relay.tap.device import TapDevice
+    from relay.wire.messages import Assigned
 
 app = typer.Typer(
     help="WebTransport relay for browser virtual machines.",
@@ -214,6 +220,70 @@ def bench(ctx: typer.Context) -> None:
     from relay.bench.runner import main as bench_main
 
     raise typer.Exit(code=bench_main(list(ctx.args)))
+
+
+@app.command()
+def tap(
+    url: Annotated[
+        str, typer.Option(envvar="RELAY_URL", help="The relay, e.g. https://relay.example:4433/")
+    ],
+    cert_hash: Annotated[
+        str | None,
+        typer.Option(envvar="RELAY_CERT_HASH", help="Pin the relay's certificate SHA-256."),
+    ] = None,
+    cafile: Annotated[
+        Path | None, typer.Option(help="CA bundle to verify the relay (default: system CAs).")
+    ] = None,
+    dev: Annotated[str, typer.Option(help="TAP device to create or attach to.")] = "tap0",
+    lan: Annotated[str | None, typer.Option(help="Join /lan/LAN instead of the default.")] = None,
+    mac: Annotated[
+        str | None, typer.Option(help="Register this MAC (default: the device's).")
+    ] = None,
+    log_level: Annotated[LogLevel, typer.Option(envvar="RELAY_LOG_LEVEL")] = LogLevel.info,
+) -> None:
+    """Attach a Linux TAP device to a relay LAN (a host, namespace or QEMU guest joins it).
+
+    Needs CAP_NET_ADMIN only to create the device. Reconnects until stopped."""
+    from relay.tap.attach import AttachSettings, lan_url
+    from relay.tap.device import TapDevice
+    from relay.wire.messages import format_mac, parse_mac
+
+    setup_logging(log_level.value, "text")
+    try:
+        own_mac = parse_mac(mac) if mac else None
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    target = lan_url(url, lan)
+    settings = AttachSettings(
+        target, cert_hash=cert_hash, cafile=str(cafile) if cafile else None, mac=own_mac
+    )
+    try:
+        device = TapDevice(dev)
+    except OSError as exc:
+        raise _fail(str(exc.strerror or exc)) from None
+
+    def registered(assigned: Assigned) -> None:
+        shown = format_mac(settings.mac or device.mac)
+        typer.echo(f"Attached {device.name} ({shown}) to {target} as {assigned.ip}")
+
+    try:
+        trio.run(_tap_until_signal, device, settings, registered)
+    finally:
+        device.close()
+
+
+async def _tap_until_signal(
+    device: TapDevice, settings: AttachSettings, registered: Callable[[Assigned], None]
+) -> None:
+    from relay.tap.attach import attach
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(attach, device, settings, registered)
+            async for signum in signals:
+                log.info("%s received; detaching", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
 
 
 def main() -> None:

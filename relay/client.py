@@ -363,6 +363,10 @@ class RelayClient:
                 pass
             except ConnectionRefusedError:
                 self.drops["icmp_refused"] += 1
+                if self.session_id is None:  # nothing listens there: fail now, not at timeout
+                    self._connect_error = "connection refused"
+                    self._finish(self._connect_error)
+                    break
             self._process_events()
             if self._flush_due or self._queue or self._quic._datagrams_pending:
                 self._flush()  # receiving datagrams alone needs no send: aioquic delays ACKs

@@ -24,6 +24,17 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+def parse_mac(text: str) -> bytes:
+    """``52:54:ab:cd:ef:01`` (or with dashes) → 6 bytes; ValueError if it is not one."""
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"not a MAC address: {text!r}")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"not a MAC address: {text!r}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class Register:
     """client → relay: register this MAC on the LAN."""
