@@ -13,13 +13,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-import trio
-
 from relay.lan.network import Network
 from relay.logs import RateLimitedLog
 from relay.packets.headers import MAX_FRAME, MIN_FRAME
 from relay.quic.connection import QuicPeer
-from relay.session.service import carry_frames
 
 log = logging.getLogger("relay.session")
 
@@ -34,8 +31,15 @@ class RawSession:
         self.label = f"{peer.label}#{stream_id}"
         self.last_seen = now
         self.drops: Counter[str] = Counter()
-        self.port = network.attach(peer.remote_host, self._last_seen, self._refused, now, raw=True)
-        self._cancel = trio.CancelScope()
+        self.port = network.attach(
+            peer.remote_host,
+            self._last_seen,
+            self._refused,
+            self.deliver,
+            peer.flush,
+            now,
+            raw=True,
+        )
         self._drop_log = RateLimitedLog(log)
 
     def _last_seen(self) -> float:
@@ -59,7 +63,6 @@ class RawSession:
 
     def on_closed(self, reason: str) -> None:
         self.network.detach(self.port)
-        self._cancel.cancel()
         log.info("%s: raw session closed (%s)", self.label, reason)
 
     def _refused(self) -> None:
@@ -67,10 +70,9 @@ class RawSession:
         self.peer.close_session(self.stream_id, reason="MAC refused or taken over")
         self.peer.flush()
 
+    def deliver(self, frame: bytes) -> None:
+        """A frame from the LAN, as one datagram (the switch flushes)."""
+        self.peer.queue_datagram(self.stream_id, frame)
+
     async def run(self) -> None:
-        with self._cancel:
-            await carry_frames(self.port, self.peer, self.stream_id, _as_is)
-
-
-def _as_is(frame: bytes) -> list[bytes]:
-    return [frame]
+        """Nothing to run: the connection and the switch drive the session."""

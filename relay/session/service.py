@@ -2,19 +2,18 @@
 its LAN port.
 
 Inbound datagrams arrive synchronously from the connection (no task hop); frames leave for
-the switch over its bounded channel. Frames for the session come back over the port's own
-bounded channel and are drained in batches by :func:`carry_frames`, the one task a session
-owns (the raw-framing session in :mod:`relay.session.raw` shares it).
+the switch over its bounded channel. Frames for the session come back from the switch task
+through :meth:`BavySession.deliver`, straight into the connection's bounded datagram queue;
+the switch flushes once per batch. A session needs no task of its own.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 
 import trio
 
-from relay.lan.network import Network, Port, Registration
+from relay.lan.network import Network, Registration
 from relay.logs import RateLimitedLog
 from relay.quic.connection import QuicPeer
 from relay.session.core import (
@@ -42,9 +41,10 @@ class BavySession:
         self.stream_id = stream_id
         self.network = network
         self.core = SessionProtocol(now, timeouts)
-        self.port = network.attach(peer.remote_host, self._last_seen, self._superseded, now)
+        self.port = network.attach(
+            peer.remote_host, self._last_seen, self._superseded, self.deliver, peer.flush, now
+        )
         self.label = f"{peer.label}#{stream_id}"
-        self._cancel = trio.CancelScope()
         self._drop_log = RateLimitedLog(log)
 
     def _last_seen(self) -> float:
@@ -75,7 +75,6 @@ class BavySession:
         shutdown = reason == CloseReason.SHUTDOWN
         self.core.close(CloseReason.SHUTDOWN if shutdown else CloseReason.TRANSPORT_CLOSED)
         self.network.detach(self.port)
-        self._cancel.cancel()
         mac = self.core.mac
         log.info(
             "%s: session closed (%s)%s",
@@ -124,28 +123,13 @@ class BavySession:
         self._apply(self.core.close(CloseReason.SUPERSEDED), now)
         self.peer.flush()
 
-    # -- the session's task ---------------------------------------------------------------
+    # -- frames from the switch ------------------------------------------------------------
+
+    def deliver(self, frame: bytes) -> None:
+        """Encode a frame from the LAN into the connection's queue (the switch flushes)."""
+        peer, stream_id = self.peer, self.stream_id
+        for payload in self.core.encode_frame(frame):
+            peer.queue_datagram(stream_id, payload)
 
     async def run(self) -> None:
-        with self._cancel:
-            await carry_frames(self.port, self.peer, self.stream_id, self.core.encode_frame)
-
-
-async def carry_frames(
-    port: Port, peer: QuicPeer, stream_id: int, encode: Callable[[bytes], list[bytes]]
-) -> None:
-    """Carry frames from the switch to the client, a batch per wake-up, one flush each."""
-    inbox = port.from_switch
-    while True:
-        try:
-            frame = await inbox.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            return
-        while True:
-            for payload in encode(frame):
-                peer.queue_datagram(stream_id, payload)
-            try:
-                frame = inbox.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
-                break
-        peer.flush()
+        """Nothing to run: the connection and the switch drive the session."""
