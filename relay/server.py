@@ -68,6 +68,12 @@ def dns_upstreams(config: RelayConfig) -> tuple[Upstream, ...]:
     return upstreams
 
 
+def _log_upstreams(upstreams: tuple[Upstream, ...]) -> None:
+    if upstreams:
+        shown = ", ".join(f"{u.host}:{u.port}" for u in upstreams)
+        log.info("guests' DNS (10.0.2.3) is forwarded to %s", shown)
+
+
 def quic_configuration(config: RelayConfig, identity: TlsIdentity) -> QuicConfiguration:
     quic = QuicConfiguration(
         is_client=False,
@@ -147,35 +153,38 @@ async def serve(
     identity = identity or load_tls(config)
     prepare_data_dir(config)
     upstreams = dns_upstreams(config)
+    _log_upstreams(upstreams)
     leases = LeaseDatabase.in_dir(config.data_dir)
-    async with trio.open_nursery() as nursery:
-        lans = Lans(
-            nursery,
-            takeover_after=2 * config.heartbeat_interval,
-            allocator_factory=leases.pool,
-            dns=DnsForwarder(upstreams),
-            gateway=GatewaySettings(mtu=config.guest_mtu),
-        )
-        relay = Relay(config, identity, lans)
-        try:
-            addresses = await nursery.start(
-                relay.endpoint.serve, [(host, config.port) for host in config.binds]
+    try:
+        async with trio.open_nursery() as nursery:
+            lans = Lans(
+                nursery,
+                takeover_after=2 * config.heartbeat_interval,
+                allocator_factory=leases.pool,
+                dns=DnsForwarder(upstreams),
+                gateway=GatewaySettings(mtu=config.guest_mtu),
             )
-            print(f"Certificate SHA-256 Hash: {identity.hash_colon}", file=out)
-            print(f"Certificate SHA-256 Hash (hex): {identity.hash_hex}", file=out)
-            print(
-                f"Certificate valid {identity.not_before:%Y-%m-%d %H:%M} to "
-                f"{identity.not_after:%Y-%m-%d %H:%M} UTC ({identity.source})",
-                file=out,
-            )
-            for host, port in addresses:
-                print(f"Listening on https://{_url_host(host)}:{port}/ (udp {host})", file=out)
-            out.flush()
-            task_status.started(Listening(addresses, identity, relay))
-            await trio.sleep_forever()
-        finally:
-            # Sessions get their close capsule and CONNECTION_CLOSE synchronously, so the
-            # browsers reconnect at once instead of waiting out an idle timeout.
-            relay.endpoint.close_all()
-            nursery.cancel_scope.cancel()
-            leases.close()
+            relay = Relay(config, identity, lans)
+            try:
+                addresses = await nursery.start(
+                    relay.endpoint.serve, [(host, config.port) for host in config.binds]
+                )
+                print(f"Certificate SHA-256 Hash: {identity.hash_colon}", file=out)
+                print(f"Certificate SHA-256 Hash (hex): {identity.hash_hex}", file=out)
+                print(
+                    f"Certificate valid {identity.not_before:%Y-%m-%d %H:%M} to "
+                    f"{identity.not_after:%Y-%m-%d %H:%M} UTC ({identity.source})",
+                    file=out,
+                )
+                for host, port in addresses:
+                    print(f"Listening on https://{_url_host(host)}:{port}/ (udp {host})", file=out)
+                out.flush()
+                task_status.started(Listening(addresses, identity, relay))
+                await trio.sleep_forever()
+            finally:
+                # Sessions get their close capsule and CONNECTION_CLOSE synchronously, so the
+                # browsers reconnect at once instead of waiting out an idle timeout.
+                relay.endpoint.close_all()
+                nursery.cancel_scope.cancel()
+    finally:
+        leases.close()

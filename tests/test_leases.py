@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay.errors import ConfigError
-from relay.lan.addresses import PoolExhausted
+from relay.lan.addresses import LeaseError, PoolExhausted
 from relay.lan.leases import LeaseDatabase
 
 A, B, C = (bytes((2, 0, 0, 0, 0, n)) for n in (1, 2, 3))
@@ -62,3 +62,13 @@ def test_unusable_file_is_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "leases.sqlite3").write_bytes(b"not a database" * 100)
     with pytest.raises(ConfigError, match="lease database"):
         LeaseDatabase.in_dir(tmp_path)
+
+
+def test_a_locked_database_refuses_quickly_instead_of_blocking(tmp_path: Path) -> None:
+    db = LeaseDatabase.in_dir(tmp_path)
+    other = sqlite3.connect(tmp_path / "leases.sqlite3", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    with pytest.raises(LeaseError, match="lease database unavailable"):
+        db.lease("default", A, frozenset())
+    other.execute("ROLLBACK")
+    assert db.lease("default", A, frozenset()) == IPv4Address("10.0.2.254")

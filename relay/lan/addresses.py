@@ -27,7 +27,11 @@ class Lease:
     ip: IPv4Address
 
 
-class PoolExhausted(Exception):
+class LeaseError(Exception):
+    """No address can be leased; ``str(exc)`` is what the client is told."""
+
+
+class PoolExhausted(LeaseError):
     """No free address is left and none can be reclaimed."""
 
 

@@ -9,6 +9,7 @@ the pool is full, the least recently used lease of a MAC with no live session gi
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
 from collections.abc import Callable
@@ -16,9 +17,13 @@ from ipaddress import IPv4Address
 from pathlib import Path
 
 from relay.errors import ConfigError
-from relay.lan.addresses import POOL_FIRST, POOL_LAST, Lease, PoolExhausted
+from relay.lan.addresses import POOL_FIRST, POOL_LAST, Lease, LeaseError, PoolExhausted
+
+log = logging.getLogger("relay.lan")
 
 SCHEMA_VERSION = 1
+BUSY_TIMEOUT = 0.1
+"""Seconds to wait for a lock held by another process: the wait blocks the relay's loop."""
 FILE_NAME = "leases.sqlite3"
 
 
@@ -29,7 +34,9 @@ class LeaseDatabase:
         self.path = path
         self._clock = clock
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db = sqlite3.connect(
+                path, timeout=BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
@@ -70,6 +77,20 @@ class LeaseDatabase:
         in_use: frozenset[bytes],
         first: IPv4Address = POOL_FIRST,
         last: IPv4Address = POOL_LAST,
+    ) -> IPv4Address:
+        try:
+            return self._lease(lan, mac, in_use, first, last)
+        except sqlite3.Error as exc:
+            log.error("lease database %s: %s", self.path, exc)
+            raise LeaseError("lease database unavailable") from None
+
+    def _lease(
+        self,
+        lan: str,
+        mac: bytes,
+        in_use: frozenset[bytes],
+        first: IPv4Address,
+        last: IPv4Address,
     ) -> IPv4Address:
         now = self._clock()
         db = self._db

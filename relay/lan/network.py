@@ -25,7 +25,15 @@ import trio
 
 from relay.gateway.core import DnsRequest, Gateway, GatewaySettings, Outbound, Reply
 from relay.gateway.dns_forwarder import DnsForwarder
-from relay.lan.addresses import DNS, GATEWAY, NETMASK, AddressAllocator, MemoryPool, PoolExhausted
+from relay.lan.addresses import (
+    DNS,
+    GATEWAY,
+    NETMASK,
+    AddressAllocator,
+    LeaseError,
+    MemoryPool,
+    PoolExhausted,
+)
 from relay.lan.ownership import Claimed, MacOwners, Refused
 from relay.lan.port_security import Binding
 from relay.lan.switch import Switch, SwitchLimits
@@ -161,10 +169,10 @@ class Network:
             return Rejection(claim.message, pool_exhausted=False)
         try:
             lease = self.allocator.lease(mac, in_use=self.owners.macs())
-        except PoolExhausted:
+        except LeaseError as exc:
             self.owners.release(mac, port)
-            log.warning("%s: IP pool exhausted, refusing %s", self.name, format_mac(mac))
-            return Rejection("IP pool exhausted", pool_exhausted=True)
+            log.warning("%s: %s, refusing %s", self.name, exc, format_mac(mac))
+            return Rejection(str(exc), pool_exhausted=isinstance(exc, PoolExhausted))
         assert isinstance(claim, Claimed)
         if claim.superseded is not None:
             old = claim.superseded
