@@ -70,6 +70,7 @@ class DnsForwarder:
         self.max_inflight = max_inflight
         self.stats: collections.Counter[str] = collections.Counter()
         self._inflight = 0
+        self._admitted = 0
         self._log = RateLimitedLog(logger, level=logging.WARNING)
 
     @property
@@ -79,14 +80,27 @@ class DnsForwarder:
 
     def busy(self) -> bool:
         """True when a new query should be dropped instead of spawning another task."""
-        return self._inflight >= self.max_inflight
+        return self._inflight + self._admitted >= self.max_inflight
 
-    async def resolve(self, query: bytes, *, max_udp_size: int = 512) -> bytes:
+    def admit(self) -> bool:
+        """Reserve a place for a query whose task is about to start (then call
+        ``resolve(..., admitted=True)``): tasks started in one batch do not run until the
+        batch ends, so counting only running ones would let a burst past the cap."""
+        if self.busy():
+            return False
+        self._admitted += 1
+        return True
+
+    async def resolve(
+        self, query: bytes, *, max_udp_size: int = 512, admitted: bool = False
+    ) -> bytes:
         """The answer to ``query`` (already accepted by ``check_query``) for the guest.
 
         Longer than ``max_udp_size`` → the truncated form (TC=1), so the guest retries; no
         answer at all → SERVFAIL. Never raises for network failures.
         """
+        if admitted:
+            self._admitted -= 1
         self._inflight += 1
         try:
             answer = await self._forward(query)

@@ -2,9 +2,8 @@
 
 The forwarder passes answers through byte for byte, so only the 12-byte header and the one
 question are ever parsed (RFC 1035 §4.1). That parser is small and bounds-checked on purpose:
-dpkt's DNS decoder leaks ``UnicodeDecodeError`` and friends on junk (see
-docs/security-and-operations.md §4), and the relay must never decode more of a guest's packet than
-it needs.
+dpkt's DNS decoder leaks ``UnicodeDecodeError`` and friends on junk, and the relay must never
+decode more of a guest's packet than it needs.
 
 Every function that reads network bytes raises only :class:`BadDnsMessage` (``matches`` never
 raises). Nothing here imports trio or socket.

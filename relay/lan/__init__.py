@@ -1,1 +1,1 @@
-"""The virtual LAN sessions attach to. For now a flooding hub per WebTransport path."""
+"""The virtual LANs sessions attach to: a learning switch per LAN name, with its gateway."""

@@ -1,9 +1,10 @@
 """IPv4 address allocation for registered MACs.
 
 :class:`AddressAllocator` is the interface the session layer uses; :class:`MemoryPool` keeps
-leases in memory for the life of the process. (Persisted leases replace it later.) The pool
-is handed out highest first, 10.0.2.254 down to 10.0.2.10, as the BAVY relay does, and the
-same MAC always gets the same address back: the guest never learns of a change.
+leases in memory for the life of the process (tests use it; the relay persists leases with
+:mod:`relay.lan.leases`). The pool is handed out highest first, 10.0.2.254 down to
+10.0.2.10, as the BAVY relay does, and the same MAC always gets the same address back: the
+guest never learns of a change.
 """
 
 from __future__ import annotations

@@ -295,7 +295,7 @@ class Network:
         if dns is None or self._tasks is None:
             self.drops["dns_unavailable"] += 1
             return
-        if dns.busy() or self._dns_inflight[request.client_mac] >= DNS_PER_VM:
+        if self._dns_inflight[request.client_mac] >= DNS_PER_VM or not dns.admit():
             self.drops["dns_busy"] += 1
             _drop_log.event("dns_busy", "%s: too many DNS queries in flight", self.name)
             return
@@ -304,7 +304,9 @@ class Network:
 
     async def _answer_dns(self, dns: DnsForwarder, request: DnsRequest) -> None:
         try:
-            response = await dns.resolve(request.query, max_udp_size=request.max_udp_size)
+            response = await dns.resolve(
+                request.query, max_udp_size=request.max_udp_size, admitted=True
+            )
         finally:
             self._dns_inflight[request.client_mac] -= 1
             if not self._dns_inflight[request.client_mac]:

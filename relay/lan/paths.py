@@ -29,18 +29,18 @@ class LanPath:
 def parse_path(path: str) -> LanPath | None:
     """The LAN a path names, or None if it names none."""
     path = path.split("?", 1)[0]
-    parts = path.split("/")
     if not path.startswith("/"):
         return None
-    parts = parts[1:]
-    if parts and parts[-1] == "":
+    parts = path[1:].split("/")
+    if parts[-1] == "":
         parts.pop()  # a trailing slash
-    framing = Framing.BAVY
-    if parts and parts[-1] == "raw":
-        framing = Framing.RAW
-        parts.pop()
-    if not parts:
-        return LanPath(DEFAULT_LAN, framing)
-    if len(parts) == 2 and parts[0] == "lan" and _NAME.fullmatch(parts[1]):
-        return LanPath(parts[1], framing)
+    match parts:
+        case []:
+            return LanPath(DEFAULT_LAN, Framing.BAVY)
+        case ["raw"]:
+            return LanPath(DEFAULT_LAN, Framing.RAW)
+        case ["lan", name] if _NAME.fullmatch(name):
+            return LanPath(name, Framing.BAVY)
+        case ["lan", name, "raw"] if _NAME.fullmatch(name):
+            return LanPath(name, Framing.RAW)
     return None
