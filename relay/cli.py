@@ -229,7 +229,9 @@ def tap(
     ],
     cert_hash: Annotated[
         str | None,
-        typer.Option(envvar="RELAY_CERT_HASH", help="Pin the relay's certificate SHA-256."),
+        typer.Option(
+            envvar="RELAY_CERT_HASH", help="Pin the relay's certificate SHA-256 (hex or aa:bb:..)."
+        ),
     ] = None,
     cafile: Annotated[
         Path | None, typer.Option(help="CA bundle to verify the relay (default: system CAs).")
@@ -240,19 +242,35 @@ def tap(
         str | None, typer.Option(help="Register this MAC (default: the device's).")
     ] = None,
     log_level: Annotated[LogLevel, typer.Option(envvar="RELAY_LOG_LEVEL")] = LogLevel.info,
+    log_format: Annotated[
+        LogFormatChoice, typer.Option(envvar="RELAY_LOG_FORMAT")
+    ] = LogFormatChoice.text,
 ) -> None:
     """Attach a Linux TAP device to a relay LAN (a host, namespace or QEMU guest joins it).
 
-    Needs CAP_NET_ADMIN only to create the device. Reconnects until stopped."""
+    Needs CAP_NET_ADMIN only to create the device. Reconnects until stopped; prints
+    ``Attached DEV (MAC) to URL as IP`` each time the relay assigns the address."""
+    from urllib.parse import urlsplit
+
+    from relay.client import ClientError, parse_cert_hash
     from relay.tap.attach import AttachSettings, lan_url
-    from relay.tap.device import TapDevice
+    from relay.tap.device import TapDevice, TapGone
     from relay.wire.messages import format_mac, parse_mac
 
-    setup_logging(log_level.value, "text")
+    setup_logging(log_level.value, log_format.value)
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise _fail(f"--url must be https://host:port/, not {url!r}")
     try:
         own_mac = parse_mac(mac) if mac else None
-    except ValueError as exc:
+        if own_mac is not None and own_mac[0] & 1:
+            raise ValueError(f"--mac {mac} is a multicast address")
+        if cert_hash:
+            parse_cert_hash(cert_hash)
+    except (ValueError, ClientError) as exc:
         raise _fail(str(exc)) from None
+    if cafile is not None and not cafile.is_file():
+        raise _fail(f"--cafile {cafile} is not a readable file")
     target = lan_url(url, lan)
     settings = AttachSettings(
         target, cert_hash=cert_hash, cafile=str(cafile) if cafile else None, mac=own_mac
@@ -268,8 +286,21 @@ def tap(
 
     try:
         trio.run(_tap_until_signal, device, settings, registered)
+    except BaseExceptionGroup as group:
+        gone = group.subgroup(TapGone)
+        if gone is None:
+            raise
+        leaf = _first_leaf(gone)
+        text = leaf.strerror if isinstance(leaf, OSError) and leaf.strerror else str(leaf)
+        typer.echo(f"relay: error: {text}", err=True)
+        raise typer.Exit(code=1) from None
     finally:
         device.close()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
 async def _tap_until_signal(

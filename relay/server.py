@@ -153,7 +153,6 @@ async def serve(
     identity = identity or load_tls(config)
     prepare_data_dir(config)
     upstreams = dns_upstreams(config)
-    _log_upstreams(upstreams)
     leases = LeaseDatabase.in_dir(config.data_dir)
     try:
         async with trio.open_nursery() as nursery:
@@ -179,6 +178,7 @@ async def serve(
                 for host, port in addresses:
                     print(f"Listening on https://{_url_host(host)}:{port}/ (udp {host})", file=out)
                 out.flush()
+                _log_upstreams(upstreams)
                 task_status.started(Listening(addresses, identity, relay))
                 await trio.sleep_forever()
             finally:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import trio
 from conftest import skip_or_fail
@@ -49,7 +50,8 @@ def require_netns() -> None:
 
 
 def unique(prefix: str) -> str:
-    return f"{prefix}{secrets.token_hex(4)}"  # ≤ 15 characters for interface names
+    """``prefix`` and 8 random hex digits: "rt…" names fit IFNAMSIZ (15 characters)."""
+    return f"{prefix}{secrets.token_hex(4)}"
 
 
 def sh(*cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -58,9 +60,34 @@ def sh(*cmd: str, timeout: float = 30, check: bool = True) -> subprocess.Complet
 
 @dataclass
 class Netns:
-    """A network namespace of the test's own."""
+    """A network namespace of the test's own; :meth:`create` it, :meth:`aclose` removes it."""
 
     name: str
+    processes: list[trio.Process] = field(default_factory=list)
+
+    @classmethod
+    def create(cls) -> Netns:
+        """A new namespace ``relay-t-<random>`` with ``lo`` up."""
+        require_netns()
+        ns = cls(unique("relay-t-"))
+        try:
+            sh("ip", "netns", "add", ns.name)
+        except subprocess.CalledProcessError as exc:
+            skip_or_fail(f"ip netns add failed: {exc.stderr.strip()}")
+        ns.run("ip", "link", "set", "lo", "up")
+        return ns
+
+    async def aclose(self) -> None:
+        """Kill what runs inside, then delete the namespace (its virtual links go with it)."""
+        with trio.CancelScope(shield=True):
+            for process in self.processes:
+                if process.returncode is None:
+                    process.kill()
+                with trio.move_on_after(5):
+                    await process.wait()
+            for pid in sh("ip", "netns", "pids", self.name, check=False).stdout.split():
+                sh("kill", "-9", pid, check=False)
+            sh("ip", "netns", "del", self.name, check=False)
 
     def run(
         self, *cmd: str, timeout: float = 30, check: bool = True
@@ -78,6 +105,27 @@ class Netns:
                 capture_stderr=True,
                 check=check,
             )
+
+    async def popen(self, *cmd: str, **options: Any) -> trio.Process:
+        """Start a long-running command inside (killed by :meth:`aclose` at the latest)."""
+        process = await trio.lowlevel.open_process(
+            ["ip", "netns", "exec", self.name, *cmd], **options
+        )
+        self.processes.append(process)
+        return process
+
+    def move_in(self, dev: str) -> None:
+        """Move link ``dev`` from the root namespace in here and bring it up."""
+        sh("ip", "link", "set", dev, "netns", self.name)
+        self.run("ip", "link", "set", dev, "up")
+
+    async def ping(self, target: str, *extra: str, count: int = 3, wait: int = 2) -> bool:
+        """``ping -c count -W wait`` got replies (async: the relay under test shares our loop).
+        Where no reply is expected, ``wait=1`` keeps it short: a local LAN answers in ms."""
+        done = await self.arun(
+            "ping", "-c", str(count), "-i", "0.2", "-W", str(wait), *extra, target, check=False
+        )
+        return done.returncode == 0
 
     async def dhcp(self, dev: str, tmp: Path) -> dict[str, str]:
         """Run udhcpc on ``dev``; the lease it got, as udhcpc reported it."""
@@ -136,27 +184,26 @@ class Tap:
 
 @asynccontextmanager
 async def namespaces(count: int) -> AsyncIterator[list[Netns]]:
-    require_netns()
-    made = [Netns(unique("rt-")) for _ in range(count)]
+    """``count`` fresh namespaces, removed on the way out whatever happened."""
+    made: list[Netns] = []
     try:
-        for ns in made:
-            sh("ip", "netns", "add", ns.name)
-            ns.run("ip", "link", "set", "lo", "up")
+        for _ in range(count):
+            made.append(Netns.create())
         yield made
     finally:
         for ns in made:
-            for pid in sh("ip", "netns", "pids", ns.name, check=False).stdout.split():
-                sh("kill", "-9", pid, check=False)
-            sh("ip", "netns", "del", ns.name, check=False)
+            await ns.aclose()
 
 
 @asynccontextmanager
 async def tap_into(
-    ns: Netns, url: str, cert_hash: str, extra: Sequence[str] = ()
+    ns: Netns, url: str, cert_hash: str, extra: Sequence[str] = (), log: Path | None = None
 ) -> AsyncIterator[Tap]:
     """Run ``relay tap`` in the root namespace (it reaches the relay on loopback) and move its
-    device into ``ns``: the open TAP file descriptor stays attached across the move."""
+    device into ``ns``: the open TAP file descriptor stays attached across the move. Its log
+    (stderr) goes to ``log`` if given."""
     dev = unique("rt")
+    stderr = None if log is None else log.open("ab")
     process = await trio.lowlevel.open_process(
         [
             sys.executable,
@@ -172,21 +219,24 @@ async def tap_into(
             *extra,
         ],
         stdout=subprocess.PIPE,
+        stderr=stderr,
     )
     tap = Tap(process, dev, "", "", url)
     try:
         attached = await tap.next_attached()
-        tap.mac, tap.ip = attached.group(2), attached.group(4)
-        sh("ip", "link", "set", dev, "netns", ns.name)
-        ns.run("ip", "link", "set", dev, "up")
+        tap.mac, tap.url, tap.ip = attached.group(2), attached.group(3), attached.group(4)
+        ns.move_in(dev)
         yield tap
     finally:
-        process.terminate()
-        with trio.move_on_after(10):
-            await process.wait()
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        with trio.CancelScope(shield=True):
+            process.terminate()
+            with trio.move_on_after(10):
+                await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        if stderr is not None:
+            stderr.close()
         sh("ip", "link", "del", dev, check=False)
         ns.run("ip", "link", "del", dev, check=False)
 

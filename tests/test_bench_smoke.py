@@ -40,7 +40,7 @@ def test_bench_switch_smoke(tmp_path: Path) -> None:
             "--pairs",
             "1",
             "--seconds",
-            "0.4",
+            "1.0",
             "--size",
             "200",
             "--rate",

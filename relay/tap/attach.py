@@ -18,8 +18,8 @@ import trio
 
 from relay.client import ClientError, RelayClient, connect
 from relay.packets.headers import MAX_FRAME, MIN_FRAME
-from relay.tap.device import TapDevice
-from relay.wire.messages import Assigned
+from relay.tap.device import TapDevice, TapGone
+from relay.wire.messages import Assigned, format_mac
 
 log = logging.getLogger("relay.tap")
 
@@ -50,15 +50,21 @@ async def attach(
     settings: AttachSettings,
     on_registered: Callable[[Assigned], None] = lambda _assigned: None,
 ) -> None:
-    """Carry frames between ``device`` and the relay until cancelled."""
+    """Carry frames between ``device`` and the relay until cancelled.
+
+    Anything wrong on the relay's side is retried; :class:`TapGone` (the device was deleted)
+    ends it, since no reconnection can bring the device back.
+    """
     delay = settings.backoff_min
     while True:
         try:
             if await _one_session(device, settings, on_registered):
                 delay = settings.backoff_min
+        except* TapGone:
+            raise
         except* (ClientError, OSError, trio.TooSlowError) as group:
-            exc = group.exceptions[0]
-            log.warning("%s: %s", settings.url, exc or type(exc).__name__)
+            problem = str(group.exceptions[0]) or type(group.exceptions[0]).__name__
+            log.warning(problem if settings.url in problem else f"{settings.url}: {problem}")
         wait = delay * random.uniform(0.5, 1.0)
         log.info("reconnecting to %s in %.1f s", settings.url, wait)
         await trio.sleep(wait)
@@ -81,12 +87,19 @@ async def _one_session(
         try:
             with trio.fail_after(settings.handshake_timeout):
                 assigned = await client.register(mac)
+            log.info("registered %s as %s on %s", format_mac(mac), assigned.ip, settings.url)
             on_registered(assigned)
             nursery.start_soon(_device_to_relay, device, client)
             nursery.start_soon(_relay_to_device, device, client)
             nursery.start_soon(_heartbeats, client, settings.heartbeat_interval)
             await client.closed.wait()
-            log.warning("session ended: %s", client.close_reason)
+            log.warning(
+                "session ended: %s (frames from the device %d, to it %d, dropped %s)",
+                client.close_reason,
+                device.frames_in,
+                device.frames_out,
+                dict(device.drops) or "none",
+            )
             return True
         finally:
             with trio.CancelScope(shield=True):
@@ -95,10 +108,12 @@ async def _one_session(
 
 
 async def _device_to_relay(device: TapDevice, client: RelayClient) -> None:
+    # The kernel sends at most MTU + 14 bytes; a device MTU above 1500 would produce frames
+    # the relay refuses, so they are counted here instead.
     while True:
         frame = await device.read_frame()
         if not MIN_FRAME <= len(frame) <= MAX_FRAME:
-            device.drops["frame_size"] += 1
+            device.note_drop("frame_size", "frame of %d bytes is not for the relay", len(frame))
             continue
         try:
             client.send_frame(frame)
@@ -107,6 +122,7 @@ async def _device_to_relay(device: TapDevice, client: RelayClient) -> None:
 
 
 async def _relay_to_device(device: TapDevice, client: RelayClient) -> None:
+    # write_frame drops what exceeds the device's MTU + 14 and what its full queue cannot take.
     while True:
         try:
             frame = await client.receive_frame()
