@@ -35,7 +35,7 @@ from relay.lan.addresses import (
     PoolExhausted,
 )
 from relay.lan.ownership import Claimed, MacOwners, Refused
-from relay.lan.port_security import Binding
+from relay.lan.port_security import Binding, Violation
 from relay.lan.switch import Switch, SwitchLimits
 from relay.logs import RateLimitedLog
 from relay.packets.headers import BadFrame, read_header
@@ -43,6 +43,8 @@ from relay.wire.messages import Assigned, format_mac
 
 log = logging.getLogger("relay.lan")
 _drop_log = RateLimitedLog(log, level=logging.WARNING)
+_policy_log = RateLimitedLog(log, interval=3600.0, level=logging.INFO)
+"""Drops by design, not by misbehaviour: the IPv6 every Linux guest sends on an IPv4 LAN."""
 
 INBOX_QUEUE = 1024
 """Frames queued from all sessions towards the switch."""
@@ -245,7 +247,16 @@ class Network:
             self._bind_raw(port, frame, now)
         verdict = self.switch.ingress(port_id, frame, now)
         if isinstance(verdict, str):
-            _drop_log.event(verdict, "%s: port %d: frame dropped (%s)", self.name, port_id, verdict)
+            if verdict == Violation.ETHERTYPE:
+                _policy_log.event(
+                    verdict,
+                    "%s: IPv6 and other non-IPv4 frames are dropped (IPv4-only LAN)",
+                    self.name,
+                )
+            else:
+                _drop_log.event(
+                    verdict, "%s: port %d: frame dropped (%s)", self.name, port_id, verdict
+                )
             return
         ports, touched = self.ports, self._touched
         for dest in verdict:
