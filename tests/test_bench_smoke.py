@@ -81,7 +81,7 @@ def test_bench_switch_smoke(tmp_path: Path) -> None:
     saved = json.loads(json_out.read_text())
     assert saved["params"] == {
         "pairs": 1,
-        "seconds": 0.4,
+        "seconds": 1.0,
         "size": 200,
         "rate": 2000,
         "pings": 30,
