@@ -98,6 +98,14 @@ def serve(
     data_dir: Annotated[
         Path, typer.Option(envvar="RELAY_DATA_DIR", help="Directory for persistent state.")
     ] = Path("relay-data"),
+    cert_poll_interval: Annotated[
+        float,
+        typer.Option(
+            envvar=["RELAY_CERT_POLL_INTERVAL", "CERT_POLL_INTERVAL"],
+            help="Seconds between checks of the PEM files (reloaded in place when they "
+            "change) and of self-signed certificates' age (rotated before expiry).",
+        ),
+    ] = 60.0,
     dns_upstream: Annotated[
         list[str] | None,
         typer.Option(
@@ -130,6 +138,7 @@ def serve(
             heartbeat_interval=heartbeat_interval,
             peer_timeout=peer_timeout,
             data_dir=data_dir,
+            cert_poll_interval=cert_poll_interval,
             dns_upstreams=tuple(dns_upstream or ()),
             guest_mtu=guest_mtu,
         )

@@ -32,6 +32,9 @@ class RelayConfig:
     max_half_open: int = 256
     retry_above: int = 32
     always_retry: bool = False
+    cert_poll_interval: float = 60.0
+    """Seconds between checks of the PEM files (reloaded when they change) and of the
+    self-signed certificates' age (rotated before expiry)."""
     dns_upstreams: tuple[str, ...] = ()
     """Resolvers the gateway's DNS service forwards to; empty: those in /etc/resolv.conf."""
     guest_mtu: int = 936
@@ -54,6 +57,8 @@ class RelayConfig:
             )
         if self.registration_timeout <= 0:
             raise ConfigError("registration timeout must be positive")
+        if self.cert_poll_interval <= 0:
+            raise ConfigError("--cert-poll-interval must be positive")
         if not 576 <= self.guest_mtu <= 1400:
             raise ConfigError("--guest-mtu must be within 576-1400")
         if not self.binds:

@@ -11,6 +11,7 @@ import trio
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
+from relay.certs import CertificateStore
 from relay.config import RelayConfig
 from relay.errors import ConfigError
 from relay.gateway.core import GatewaySettings
@@ -98,16 +99,15 @@ class Listening:
 
 
 class Relay:
-    """The running relay: its endpoint, its LANs, its certificate."""
+    """The running relay: its endpoint, its LANs, its certificates."""
 
-    def __init__(self, config: RelayConfig, identity: TlsIdentity, lans: Lans) -> None:
+    def __init__(self, config: RelayConfig, certs: CertificateStore, lans: Lans) -> None:
         self.config = config
-        self.identity = identity
+        self.certs = certs
         self.lans = lans
         self.timeouts = Timeouts(registration=config.registration_timeout, peer=config.peer_timeout)
-        self._quic_config = quic_configuration(config, identity)
         self.endpoint = Endpoint(
-            lambda: self._quic_config,
+            certs.quic_configuration,
             self.open_session,
             AdmissionLimits(
                 max_connections=config.max_connections,
@@ -163,7 +163,9 @@ async def serve(
                 dns=DnsForwarder(upstreams),
                 gateway=GatewaySettings(mtu=config.guest_mtu),
             )
-            relay = Relay(config, identity, lans)
+            certs = CertificateStore(config, initial=identity)
+            relay = Relay(config, certs, lans)
+            nursery.start_soon(certs.run, config.cert_poll_interval)
             try:
                 addresses = await nursery.start(
                     relay.endpoint.serve, [(host, config.port) for host in config.binds]
