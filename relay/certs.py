@@ -163,6 +163,7 @@ class CertificateStore:
         self.config = config
         self._clock = clock
         self.generation = 0
+        self._change_event = trio.Event()
         self.next: TlsIdentity | None = None
         self._quic: tuple[TlsIdentity, QuicConfiguration] | None = None
         self._ssl: tuple[TlsIdentity, ssl.SSLContext | None] | None = None
@@ -227,6 +228,10 @@ class CertificateStore:
             return self._check_files()
         return self._rotate(self._clock())
 
+    async def wait_changed(self) -> None:
+        """Return at the next change of the published certificates (tests, status pages)."""
+        await self._change_event.wait()
+
     async def run(self, poll_interval: float) -> None:
         """Call :meth:`check` every ``poll_interval`` seconds until cancelled."""
         if poll_interval <= 0:
@@ -241,6 +246,8 @@ class CertificateStore:
 
     def _changed(self) -> None:
         self.generation += 1
+        self._change_event.set()
+        self._change_event = trio.Event()
 
     # -- files mode ----------------------------------------------------------------------------
 

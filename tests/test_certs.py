@@ -539,8 +539,8 @@ async def test_reload_under_a_running_relay_keeps_sessions_up(
     new = generate_self_signed()
     write_identity(new, pem_dir)
     with trio.fail_after(5):
-        while store.current.hash_hex != new.hash_hex:
-            await trio.sleep(0.01)  # the relay's own poll picks the new files up
+        await store.wait_changed()  # the relay's own poll picks the new files up
+    assert store.current.hash_hex == new.hash_hex
     with pytest.raises(ClientError, match="pinned hash"):
         await connect(nursery, url, cert_hash=old_hash, handshake_timeout=5)
     c = await connect(nursery, url, cert_hash=new.hash_hex)
