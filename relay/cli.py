@@ -98,6 +98,24 @@ def serve(
     data_dir: Annotated[
         Path, typer.Option(envvar="RELAY_DATA_DIR", help="Directory for persistent state.")
     ] = Path("relay-data"),
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="RELAY_HTTP_PORT",
+            help="TCP port for the dashboard and HTTP API. Default: the QUIC port number.",
+        ),
+    ] = None,
+    http_bind: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="RELAY_HTTP_BIND",
+            help="Address for the HTTP side (repeatable). Default: the --bind addresses.",
+        ),
+    ] = None,
+    no_http: Annotated[
+        bool,
+        typer.Option("--no-http", envvar="RELAY_NO_HTTP", help="No HTTP side at all."),
+    ] = False,
     cert_poll_interval: Annotated[
         float,
         typer.Option(
@@ -138,6 +156,9 @@ def serve(
             heartbeat_interval=heartbeat_interval,
             peer_timeout=peer_timeout,
             data_dir=data_dir,
+            http=not no_http,
+            http_port=http_port,
+            http_binds=tuple(http_bind or ()),
             cert_poll_interval=cert_poll_interval,
             dns_upstreams=tuple(dns_upstream or ()),
             guest_mtu=guest_mtu,

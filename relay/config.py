@@ -32,6 +32,12 @@ class RelayConfig:
     max_half_open: int = 256
     retry_above: int = 32
     always_retry: bool = False
+    http: bool = True
+    """Serve the dashboard and the HTTP API (cert hash, status, metrics, health) on TCP."""
+    http_port: int | None = None
+    """TCP port of the HTTP side; None: the QUIC port's number (4433/tcp next to 4433/udp)."""
+    http_binds: tuple[str, ...] = ()
+    """Addresses for the HTTP side; empty: the QUIC binds."""
     cert_poll_interval: float = 60.0
     """Seconds between checks of the PEM files (reloaded when they change) and of the
     self-signed certificates' age (rotated before expiry)."""
@@ -57,6 +63,8 @@ class RelayConfig:
             )
         if self.registration_timeout <= 0:
             raise ConfigError("registration timeout must be positive")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"HTTP port {self.http_port} is out of range")
         if self.cert_poll_interval <= 0:
             raise ConfigError("--cert-poll-interval must be positive")
         if not 576 <= self.guest_mtu <= 1400:

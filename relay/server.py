@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from functools import partial
 from typing import TextIO
 
 import trio
 from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import QuicConfiguration
 
+from relay import __version__
 from relay.certs import CertificateStore
 from relay.config import RelayConfig
 from relay.errors import ConfigError
@@ -20,6 +23,10 @@ from relay.gateway.dns_messages import Upstream, parse_upstream, read_resolv_con
 from relay.lan.leases import LeaseDatabase
 from relay.lan.network import Lans
 from relay.lan.paths import Framing, parse_path
+from relay.ops.api import HttpApp
+from relay.ops.http import serve_http
+from relay.ops.metrics import Totals
+from relay.ops.notify import Notifier, run_watchdog
 from relay.quic.connection import QuicPeer
 from relay.quic.endpoint import AdmissionLimits, Endpoint
 from relay.session.core import Timeouts
@@ -96,14 +103,19 @@ class Listening:
     addresses: list[tuple[str, int]]
     identity: TlsIdentity
     relay: Relay
+    http_addresses: list[tuple[str, int]] = field(default_factory=list)
+    http: HttpApp | None = None
 
 
 class Relay:
     """The running relay: its endpoint, its LANs, its certificates."""
 
-    def __init__(self, config: RelayConfig, certs: CertificateStore, lans: Lans) -> None:
+    def __init__(
+        self, config: RelayConfig, certs: CertificateStore, lans: Lans, totals: Totals
+    ) -> None:
         self.config = config
         self.certs = certs
+        self.totals = totals
         self.lans = lans
         self.timeouts = Timeouts(registration=config.registration_timeout, peer=config.peer_timeout)
         self.endpoint = Endpoint(
@@ -115,6 +127,7 @@ class Relay:
                 retry_above=config.retry_above,
                 always_retry=config.always_retry,
             ),
+            on_forget=totals.peer_closed,
         )
 
     def open_session(
@@ -130,9 +143,10 @@ class Relay:
         if network is None:
             return 503
         log.info("%s: WebTransport session on %s (stream %d)", peer.label, path, stream_id)
+        observer = self.totals.session_closed
         if lan_path.framing is Framing.RAW:
-            return RawSession(peer, stream_id, network, now)
-        return BavySession(peer, stream_id, network, self.timeouts, now)
+            return RawSession(peer, stream_id, network, now, observer)
+        return BavySession(peer, stream_id, network, self.timeouts, now, observer)
 
 
 def _url_host(host: str) -> str:
@@ -153,7 +167,9 @@ async def serve(
     identity = identity or load_tls(config)
     prepare_data_dir(config)
     upstreams = dns_upstreams(config)
+    notifier = Notifier.from_environment()
     leases = LeaseDatabase.in_dir(config.data_dir)
+    totals = Totals()
     try:
         async with trio.open_nursery() as nursery:
             lans = Lans(
@@ -162,31 +178,69 @@ async def serve(
                 allocator_factory=leases.pool,
                 dns=DnsForwarder(upstreams),
                 gateway=GatewaySettings(mtu=config.guest_mtu),
+                on_removed=totals.lan_removed,
             )
             certs = CertificateStore(config, initial=identity)
-            relay = Relay(config, certs, lans)
+            relay = Relay(config, certs, lans, totals)
+            app = HttpApp(relay, certs, started=time.time(), version=__version__, totals=totals)
             nursery.start_soon(certs.run, config.cert_poll_interval)
             try:
                 addresses = await nursery.start(
                     relay.endpoint.serve, [(host, config.port) for host in config.binds]
                 )
-                print(f"Certificate SHA-256 Hash: {identity.hash_colon}", file=out)
-                print(f"Certificate SHA-256 Hash (hex): {identity.hash_hex}", file=out)
-                print(
-                    f"Certificate valid {identity.not_before:%Y-%m-%d %H:%M} to "
-                    f"{identity.not_after:%Y-%m-%d %H:%M} UTC ({identity.source})",
-                    file=out,
+                http_addresses: list[tuple[str, int]] = []
+                if config.http:
+                    http_addresses = await nursery.start(
+                        partial(
+                            serve_http,
+                            app,
+                            _http_binds(config, addresses),
+                            ssl_context=certs.ssl_context,
+                        )
+                    )
+                _announce(
+                    out, identity, addresses, http_addresses, https=certs.ssl_context() is not None
                 )
-                for host, port in addresses:
-                    print(f"Listening on https://{_url_host(host)}:{port}/ (udp {host})", file=out)
-                out.flush()
                 _log_upstreams(upstreams)
-                task_status.started(Listening(addresses, identity, relay))
+                notifier.ready(f"listening on udp port {addresses[0][1]}")
+                nursery.start_soon(run_watchdog, notifier)
+                task_status.started(Listening(addresses, identity, relay, http_addresses, app))
                 await trio.sleep_forever()
             finally:
                 # Sessions get their close capsule and CONNECTION_CLOSE synchronously, so the
                 # browsers reconnect at once instead of waiting out an idle timeout.
+                app.draining = True
+                notifier.stopping()
                 relay.endpoint.close_all()
                 nursery.cancel_scope.cancel()
     finally:
         leases.close()
+
+
+def _http_binds(config: RelayConfig, quic: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """``--http-bind`` (default: the QUIC binds) at ``--http-port`` (default: the QUIC port)."""
+    port = config.http_port if config.http_port is not None else quic[0][1]
+    return [(host, port) for host in (config.http_binds or config.binds)]
+
+
+def _announce(
+    out: TextIO,
+    identity: TlsIdentity,
+    addresses: list[tuple[str, int]],
+    http_addresses: list[tuple[str, int]],
+    *,
+    https: bool,
+) -> None:
+    print(f"Certificate SHA-256 Hash: {identity.hash_colon}", file=out)
+    print(f"Certificate SHA-256 Hash (hex): {identity.hash_hex}", file=out)
+    print(
+        f"Certificate valid {identity.not_before:%Y-%m-%d %H:%M} to "
+        f"{identity.not_after:%Y-%m-%d %H:%M} UTC ({identity.source})",
+        file=out,
+    )
+    for host, port in addresses:
+        print(f"Listening on https://{_url_host(host)}:{port}/ (udp {host})", file=out)
+    scheme = "https" if https else "http"
+    for host, port in http_addresses:
+        print(f"Dashboard and API on {scheme}://{_url_host(host)}:{port}/ (tcp {host})", file=out)
+    out.flush()

@@ -59,6 +59,7 @@ def start_relay(nursery: trio.Nursery, tmp_path: Path) -> StartRelay:
             "port": 0,
             "data_dir": tmp_path / "relay-data",
             "dns_upstreams": ("127.0.0.1:9",),
+            "http_port": 0,
         }
         settings.update(overrides)
         config = RelayConfig(**settings)

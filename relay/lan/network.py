@@ -345,8 +345,10 @@ class Lans:
         dns: DnsForwarder | None = None,
         gateway: GatewaySettings | None = None,
         limits: SwitchLimits | None = None,
+        on_removed: Callable[[Network], None] | None = None,
     ) -> None:
         self._nursery = nursery
+        self._on_removed = on_removed
         self.max_networks = max_networks
         self.takeover_after = takeover_after
         self.allocator_factory = allocator_factory
@@ -379,6 +381,8 @@ class Lans:
         for name, network in self.networks.items():
             if not network.ports:
                 del self.networks[name]
+                if self._on_removed is not None:
+                    self._on_removed(network)
                 network.stop()
                 self.evicted += 1
                 return True

@@ -92,9 +92,12 @@ class Endpoint:
         configuration: Callable[[], QuicConfiguration],
         sessions: SessionFactory,
         limits: AdmissionLimits | None = None,
+        on_forget: Callable[[QuicPeer], None] | None = None,
     ) -> None:
         self._configuration = configuration
         self._sessions = sessions
+        self._on_forget = on_forget
+        """Told once of each connection as it goes (cumulative counters are read there)."""
         self.limits = limits or AdmissionLimits()
         self._cids: dict[bytes, QuicPeer] = {}
         self.peers: set[QuicPeer] = set()
@@ -119,6 +122,8 @@ class Endpoint:
         self._cids.pop(cid, None)
 
     def forget(self, peer: QuicPeer) -> None:
+        if self._on_forget is not None and peer in self.peers:
+            self._on_forget(peer)
         for cid in peer.cids:
             if self._cids.get(cid) is peer:
                 del self._cids[cid]

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 
 from relay.lan.network import Network
 from relay.logs import RateLimitedLog
 from relay.packets.headers import MAX_FRAME, MIN_FRAME
-from relay.quic.connection import QuicPeer
+from relay.quic.connection import QuicPeer, WebTransportSession
 
 log = logging.getLogger("relay.session")
 
@@ -24,7 +25,15 @@ log = logging.getLogger("relay.session")
 class RawSession:
     """One raw-framing client on a LAN."""
 
-    def __init__(self, peer: QuicPeer, stream_id: int, network: Network, now: float) -> None:
+    def __init__(
+        self,
+        peer: QuicPeer,
+        stream_id: int,
+        network: Network,
+        now: float,
+        observer: Callable[[WebTransportSession], None] | None = None,
+    ) -> None:
+        self._observer = observer
         self.peer = peer
         self.stream_id = stream_id
         self.network = network
@@ -62,6 +71,8 @@ class RawSession:
         return None
 
     def on_closed(self, reason: str) -> None:
+        if self._observer is not None:
+            self._observer(self)
         self.network.detach(self.port)
         log.info("%s: raw session closed (%s)", self.label, reason)
 

@@ -10,12 +10,13 @@ the switch flushes once per batch. A session needs no task of its own.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
 from relay.lan.network import Network, Registration
 from relay.logs import RateLimitedLog
-from relay.quic.connection import QuicPeer
+from relay.quic.connection import QuicPeer, WebTransportSession
 from relay.session.core import (
     CloseReason,
     Dropped,
@@ -35,8 +36,16 @@ class BavySession:
     """One registered (or registering) VM."""
 
     def __init__(
-        self, peer: QuicPeer, stream_id: int, network: Network, timeouts: Timeouts, now: float
+        self,
+        peer: QuicPeer,
+        stream_id: int,
+        network: Network,
+        timeouts: Timeouts,
+        now: float,
+        observer: Callable[[WebTransportSession], None] | None = None,
     ) -> None:
+        self._observer = observer
+        """Told of the session as it closes, before its port goes (for cumulative counters)."""
         self.peer = peer
         self.stream_id = stream_id
         self.network = network
@@ -74,6 +83,8 @@ class BavySession:
         """The WebTransport session is gone, whoever ended it."""
         shutdown = reason == CloseReason.SHUTDOWN
         self.core.close(CloseReason.SHUTDOWN if shutdown else CloseReason.TRANSPORT_CLOSED)
+        if self._observer is not None:
+            self._observer(self)  # the switch port's counters are still there
         self.network.detach(self.port)
         mac = self.core.mac
         log.info(
