@@ -9,6 +9,7 @@ import re
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -799,3 +800,37 @@ async def test_serve_runs_the_http_side_and_counts_closed_sessions(
     families = {f.name: f for f in text_string_to_metric_families(text)}
     closed = families["relay_sessions_closed"].samples
     assert sum(s.value for s in closed if s.name.endswith("_total")) == 1
+
+
+async def test_self_signed_rotation_publishes_current_and_next(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    """A fast clock through one rotation: /cert-hash lists both certificates while ``next``
+    waits, and a client that pinned ``next`` early still gets in after the switch."""
+    from relay.certs import CertificateStore
+
+    relay = await start_relay(self_signed_days=1.0)
+    now = [datetime.datetime.now(UTC)]
+    store = CertificateStore(relay.relay.config, clock=lambda: now[0])
+    relay.relay.endpoint._configuration = store.quic_configuration
+    app = HttpApp(relay.relay, store, started=1.7e9, version="t")
+    [(_, port)] = await nursery.start(
+        partial(serve_http, app, [("127.0.0.1", 0)], ssl_context=store.ssl_context)
+    )
+    first = (await get(port, "/cert-hash")).json()
+    assert [h["value"] for h in first["hashes"]] == [store.current.hash_hex]
+
+    now[0] += datetime.timedelta(hours=13)  # past half-life: next is published
+    assert store.check()
+    both = (await get(port, "/cert-hash")).json()
+    current, upcoming = (h["value"] for h in both["hashes"])
+    assert current == first["hash"] and upcoming != current
+    client = await connect(nursery, relay_url(relay), cert_hash=current)  # still serving current
+    await client.aclose()
+
+    now[0] += datetime.timedelta(hours=6)  # a quarter of the life left: next takes over
+    assert store.check()
+    after = (await get(port, "/cert-hash")).json()
+    assert after["hash"] == upcoming
+    client = await connect(nursery, relay_url(relay), cert_hash=upcoming)
+    await client.aclose()
