@@ -24,7 +24,7 @@ from relay.client import RelayClient, connect, random_mac
 from relay.ops import status as status_module
 from relay.ops.api import STATIC_DIR, HttpApp
 from relay.ops.http import HttpLimits, serve_http
-from relay.ops.metrics import Totals
+from relay.ops.metrics import Totals, udp_kernel_counters
 from relay.packets import build
 from relay.quic.endpoint import Endpoint
 from relay.server import Listening
@@ -351,6 +351,7 @@ EXPECTED_FAMILIES = {
     "relay_quic_handshakes_total",
     "relay_quic_retries_sent_total",
     "relay_dns_queries_total",
+    "relay_udp_kernel_errors_total",
     "relay_tls_cert_expiry_timestamp_seconds",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
@@ -415,8 +416,22 @@ async def test_metrics_parse_and_carry_no_peer_identity(
                 "service",
                 "event",
                 "code",
+                "kind",
             }
     await client.aclose()
+
+
+def test_udp_kernel_counters_read_from_proc_net_snmp_text() -> None:
+    text = (
+        "Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+        "Udp: InDatagrams NoPorts InErrors OutDatagrams RcvbufErrors SndbufErrors\n"
+        "Udp: 10 2 7 9 5 1\n"
+        "UdpLite: InDatagrams\nUdpLite: 0\n"
+    )
+    counters = udp_kernel_counters(text)
+    assert counters["RcvbufErrors"] == 5 and counters["InErrors"] == 7
+    assert udp_kernel_counters("Udp: a b\nUdp: 1\n") == {}
+    assert udp_kernel_counters("garbage") == {}
 
 
 async def test_metrics_openmetrics_negotiated(

@@ -300,6 +300,7 @@ class RelayCollector(Collector):
             "relay_nat_flows", "NAT flows now (NAT arrives with a later issue: always 0).", 0
         )
         yield from self._quic(counts)
+        yield from _udp_kernel_errors()
         yield from self._dns()
         yield from self._tls()
         yield from self._http()
@@ -404,3 +405,40 @@ class RelayCollector(Collector):
             ),
             http.drops,
         )
+
+
+SNMP_PATH = "/proc/net/snmp"
+
+
+def udp_kernel_counters(text: str) -> dict[str, int]:
+    """The ``Udp:`` counters of a ``/proc/net/snmp`` text (header line, then values)."""
+    rows = [line.split() for line in text.splitlines() if line.startswith("Udp:")]
+    if len(rows) < 2 or len(rows[0]) != len(rows[1]):
+        return {}
+    try:
+        return {name: int(value) for name, value in zip(rows[0][1:], rows[1][1:], strict=True)}
+    except ValueError:
+        return {}
+
+
+def _udp_kernel_errors(path: str = SNMP_PATH) -> Iterator[Metric]:
+    """The kernel's UDP drops in the relay's network namespace: a QUIC relay that cannot
+    drain its socket fast enough shows up here first (the relay cannot count those itself)."""
+    try:
+        with open(path, encoding="ascii") as snmp:
+            counters = udp_kernel_counters(snmp.read())
+    except OSError:
+        return
+    family = CounterMetricFamily(
+        "relay_udp_kernel_errors",
+        "UDP datagrams the kernel dropped (whole network namespace, every socket), by kind.",
+        labels=["kind"],
+    )
+    for name, kind in (
+        ("RcvbufErrors", "receive_buffer"),
+        ("SndbufErrors", "send_buffer"),
+        ("InErrors", "input"),
+    ):
+        if name in counters:
+            family.add_metric([kind], counters[name])
+    yield family
