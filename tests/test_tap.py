@@ -25,10 +25,27 @@ def tap_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "relay", "tap", *args]
 
 
+TUN = Path("/dev/net/tun")
+# Debian's udev makes /dev/net/tun 0666 (opening it grants nothing: creating a device needs
+# CAP_NET_ADMIN, attaching needs ownership). Where a machine made it 0600, the unprivileged
+# command runs in a mount namespace of its own with a 0666 node of the same device bound
+# over it, so the test sees what a stock Debian host has, without changing the host.
+STOCK_TUN = """set -e
+node=$(mktemp -d)/tun
+mknod -m 0666 "$node" c 10 200
+mount --bind "$node" /dev/net/tun
+exec "$@"
+"""
+
+
 def as_nobody(setpriv: str, command: list[str]) -> list[str]:
     """``command`` run as user nobody with no capabilities at all."""
     ids = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
-    return [setpriv, *ids, *command]
+    argv = [setpriv, *ids, *command]
+    if TUN.stat().st_mode & 0o006 != 0o006:
+        isolate = ["unshare", "--mount", "--propagation", "private", "sh", "-c", STOCK_TUN, "sh"]
+        return [*isolate, *argv]
+    return argv
 
 
 def test_lan_url() -> None:
