@@ -48,6 +48,13 @@ class LogLevel(StrEnum):
     error = "error"
 
 
+class IcmpModeChoice(StrEnum):
+    auto = "auto"
+    socket = "socket"
+    raw = "raw"
+    off = "off"
+
+
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"relay: error: {message}", err=True)
     return typer.Exit(code=2)
@@ -139,6 +146,33 @@ def serve(
             help="IP MTU advertised to guests by DHCP (936: every frame fits one datagram).",
         ),
     ] = 936,
+    egress_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="RELAY_EGRESS_ALLOW",
+            help="Let VMs reach CIDR[:ports] (e.g. 192.168.5.0/24:80,443) that the default-deny "
+            "egress policy refuses (repeatable; the variable takes a space-separated list).",
+        ),
+    ] = None,
+    egress_deny: Annotated[
+        list[str] | None,
+        typer.Option(
+            envvar="RELAY_EGRESS_DENY",
+            help="Refuse CIDR[:ports] to VMs (repeatable); wins over --egress-allow.",
+        ),
+    ] = None,
+    icmp_mode: Annotated[
+        IcmpModeChoice,
+        typer.Option(
+            envvar="RELAY_ICMP_MODE",
+            help="How VMs' pings leave: ping sockets, a raw socket, or off (refused); "
+            "auto picks the first this process may use.",
+        ),
+    ] = IcmpModeChoice.auto,
+    no_nat: Annotated[
+        bool,
+        typer.Option("--no-nat", envvar="RELAY_NO_NAT", help="No route to the outside at all."),
+    ] = False,
     log_level: Annotated[LogLevel, typer.Option(envvar="RELAY_LOG_LEVEL")] = LogLevel.info,
     log_format: Annotated[
         LogFormatChoice, typer.Option(envvar="RELAY_LOG_FORMAT")
@@ -162,6 +196,10 @@ def serve(
             cert_poll_interval=cert_poll_interval,
             dns_upstreams=tuple(dns_upstream or ()),
             guest_mtu=guest_mtu,
+            nat=not no_nat,
+            egress_allow=tuple(egress_allow or ()),
+            egress_deny=tuple(egress_deny or ()),
+            icmp_mode=icmp_mode.value,
         )
         identity = load_tls(config)
         prepare_data_dir(config)

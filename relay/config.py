@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from relay.errors import ConfigError
+from relay.nat.limits import NatLimits
+from relay.nat.policy import parse_rule
+from relay.nat.settings import IcmpMode
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,16 @@ class RelayConfig:
     guest_mtu: int = 936
     """IP MTU advertised to guests by DHCP: 936 + 14 = 950 bytes, the largest frame the BAVY
     framing carries in one datagram."""
+    nat: bool = True
+    """Carry guests' ICMP, UDP and TCP to the outside through host sockets."""
+    egress_allow: tuple[str, ...] = ()
+    """``CIDR[:ports]`` rules that open the default-deny egress table (labs, tests)."""
+    egress_deny: tuple[str, ...] = ()
+    """``CIDR[:ports]`` rules denied on top of the table; they win over allow rules."""
+    icmp_mode: str = "auto"
+    """How echo requests leave: auto, socket (ping sockets), raw, off."""
+    nat_limits: NatLimits = field(default_factory=NatLimits)
+    """Per-VM and global caps on NAT flows, new flows per second and bytes per second."""
 
     def __post_init__(self) -> None:
         if (self.cert_pem is None) != (self.key_pem is None):
@@ -71,3 +84,9 @@ class RelayConfig:
             raise ConfigError("--guest-mtu must be within 576-1400")
         if not self.binds:
             raise ConfigError("at least one --bind address is needed")
+        for rule in (*self.egress_allow, *self.egress_deny):
+            parse_rule(rule)
+        if self.icmp_mode not in {mode.value for mode in IcmpMode}:
+            raise ConfigError(
+                f"--icmp-mode must be one of auto, socket, raw, off: {self.icmp_mode}"
+            )

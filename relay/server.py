@@ -23,6 +23,10 @@ from relay.gateway.dns_messages import Upstream, parse_upstream, read_resolv_con
 from relay.lan.leases import LeaseDatabase
 from relay.lan.network import Lans
 from relay.lan.paths import Framing, parse_path
+from relay.nat.host_addresses import host_addresses
+from relay.nat.policy import EgressPolicy, parse_rule
+from relay.nat.service import Nat
+from relay.nat.settings import IcmpMode, NatSettings
 from relay.ops.api import HttpApp
 from relay.ops.http import serve_http
 from relay.ops.metrics import Totals
@@ -80,6 +84,22 @@ def _log_upstreams(upstreams: tuple[Upstream, ...]) -> None:
     if upstreams:
         shown = ", ".join(f"{u.host}:{u.port}" for u in upstreams)
         log.info("guests' DNS (10.0.2.3) is forwarded to %s", shown)
+
+
+def make_nat(config: RelayConfig) -> Nat | None:
+    """The NAT with the egress policy: the built-in table, the operator's rules, and this
+    host's own addresses (a VM must not reach the relay's other services)."""
+    if not config.nat:
+        return None
+    policy = EgressPolicy(
+        allow=[parse_rule(text) for text in config.egress_allow],
+        deny=[parse_rule(text) for text in config.egress_deny],
+        host_addresses=host_addresses(),
+    )
+    settings = NatSettings(
+        mtu=config.guest_mtu, icmp_mode=IcmpMode(config.icmp_mode), limits=config.nat_limits
+    )
+    return Nat(policy, settings)
 
 
 def quic_configuration(config: RelayConfig, identity: TlsIdentity) -> QuicConfiguration:
@@ -170,8 +190,11 @@ async def serve(
     notifier = Notifier.from_environment()
     leases = LeaseDatabase.in_dir(config.data_dir)
     totals = Totals()
+    nat = make_nat(config)
     try:
         async with trio.open_nursery() as nursery:
+            if nat is not None:
+                await nursery.start(nat.run)
             lans = Lans(
                 nursery,
                 takeover_after=2 * config.heartbeat_interval,
@@ -179,6 +202,7 @@ async def serve(
                 dns=DnsForwarder(upstreams),
                 gateway=GatewaySettings(mtu=config.guest_mtu),
                 on_removed=totals.lan_removed,
+                nat=nat,
             )
             certs = CertificateStore(config, initial=identity)
             relay = Relay(config, certs, lans, totals)

@@ -392,7 +392,10 @@ async def test_metrics_parse_and_carry_no_peer_identity(
     assert found["relay_quic_connections", ()] == 1
     assert found["relay_quic_handshakes_total", ()] == 1
     assert found["relay_mac_entries", ()] == 2  # the gateway's and the client's
-    assert found["relay_nat_flows", ()] == 0
+    nat_flows = {
+        dict(labels)["proto"]: v for (n, labels), v in found.items() if n == "relay_nat_flows"
+    }
+    assert nat_flows == {"tcp": 0, "udp": 0, "icmp": 0}
     assert found["relay_tls_cert_expiry_timestamp_seconds", ()] == pytest.approx(
         relay.identity.not_after.timestamp()
     )
@@ -417,6 +420,7 @@ async def test_metrics_parse_and_carry_no_peer_identity(
                 "event",
                 "code",
                 "kind",
+                "proto",
             }
     await client.aclose()
 

@@ -31,6 +31,11 @@ SANS_IO = [
     "relay.gateway.core",
     "relay.gateway.dhcp",
     "relay.gateway.dns_messages",
+    "relay.nat.policy",
+    "relay.nat.limits",
+    "relay.nat.settings",
+    "relay.nat.tcp",
+    "relay.nat.tcp_segment",
 ]
 
 

@@ -38,6 +38,7 @@ from relay.lan.ownership import Claimed, MacOwners, Refused
 from relay.lan.port_security import Binding, Violation
 from relay.lan.switch import Switch, SwitchLimits
 from relay.logs import RateLimitedLog
+from relay.nat.service import Nat
 from relay.packets.headers import BadFrame, read_header
 from relay.wire.messages import Assigned, format_mac
 
@@ -112,6 +113,7 @@ class Network:
         dns: DnsForwarder | None = None,
         gateway: GatewaySettings | None = None,
         limits: SwitchLimits | None = None,
+        nat: Nat | None = None,
     ) -> None:
         now = trio.current_time()
         self.name = name
@@ -120,6 +122,7 @@ class Network:
         self.switch = Switch(limits, now)
         self.gateway = Gateway(gateway)
         self.dns = dns
+        self.nat = nat
         self.switch.add_port(GATEWAY_PORT, now, trusted=True)
         self.switch.bind(GATEWAY_PORT, self.gateway.binding, now)
         self.ports: dict[int, Port] = {}
@@ -296,10 +299,18 @@ class Network:
                 self._resolve(output)
             else:
                 assert isinstance(output, Outbound)
+                if self.nat is not None:
+                    self.nat.outbound(self, port.binding, output.frame, output.header, now)
+                    continue
                 self.drops["no_route"] += 1
-                _drop_log.event(
-                    "no_route", "%s: no route to the outside yet; packet dropped", self.name
-                )
+                _drop_log.event("no_route", "%s: no NAT; packet to the outside dropped", self.name)
+
+    def to_guest(self, frame: bytes) -> None:
+        """A frame from the gateway port, sent by a task off the frame path (DNS, NAT)."""
+        try:
+            self.inbox.send_nowait((GATEWAY_PORT, frame))
+        except trio.WouldBlock:
+            self.drops["switch_queue_full"] += 1
 
     def _resolve(self, request: DnsRequest) -> None:
         dns = self.dns
@@ -322,10 +333,7 @@ class Network:
             self._dns_inflight[request.client_mac] -= 1
             if not self._dns_inflight[request.client_mac]:
                 del self._dns_inflight[request.client_mac]
-        try:
-            self.inbox.send_nowait((GATEWAY_PORT, self.gateway.dns_answer(request, response)))
-        except trio.WouldBlock:
-            self.drops["switch_queue_full"] += 1
+        self.to_guest(self.gateway.dns_answer(request, response))
 
 
 class Lans:
@@ -346,6 +354,7 @@ class Lans:
         gateway: GatewaySettings | None = None,
         limits: SwitchLimits | None = None,
         on_removed: Callable[[Network], None] | None = None,
+        nat: Nat | None = None,
     ) -> None:
         self._nursery = nursery
         self._on_removed = on_removed
@@ -355,6 +364,7 @@ class Lans:
         self.dns = dns
         self.gateway = gateway
         self.limits = limits
+        self.nat = nat
         self.networks: dict[str, Network] = {}
         self.refused = 0
         self.evicted = 0
@@ -372,6 +382,7 @@ class Lans:
                 dns=self.dns,
                 gateway=self.gateway,
                 limits=self.limits,
+                nat=self.nat,
             )
             self.networks[name] = network
             self._nursery.start_soon(network.run, name=f"lan {name}")
@@ -384,6 +395,8 @@ class Lans:
                 if self._on_removed is not None:
                     self._on_removed(network)
                 network.stop()
+                if self.nat is not None:
+                    self.nat.close_lan(name)
                 self.evicted += 1
                 return True
         return False

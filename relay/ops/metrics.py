@@ -296,9 +296,7 @@ class RelayCollector(Collector):
             "MAC table entries over all LANs.",
             sum(n.switch.table_size for n in list(relay.lans.networks.values())),
         )
-        yield _gauge(
-            "relay_nat_flows", "NAT flows now (NAT arrives with a later issue: always 0).", 0
-        )
+        yield from _nat(relay)
         yield from self._quic(counts)
         yield from _udp_kernel_errors()
         yield from self._dns()
@@ -442,3 +440,29 @@ def _udp_kernel_errors(path: str = SNMP_PATH) -> Iterator[Metric]:
         if name in counters:
             family.add_metric([kind], counters[name])
     yield family
+
+
+def _nat(relay: Relay) -> Iterator[Metric]:
+    nat = relay.lans.nat
+    flows = GaugeMetricFamily("relay_nat_flows", "NAT flows now, by protocol.", labels=["proto"])
+    for proto, count in ({} if nat is None else nat.flow_counts()).items():
+        flows.add_metric([proto], count)
+    yield flows
+    events: Mapping[str, int] = {} if nat is None else nat.context.events
+    drops: Mapping[str, int] = {} if nat is None else nat.context.drops
+    yield _labelled(
+        CounterMetricFamily(
+            "relay_nat_events",
+            "NAT flows opened and closed, datagrams, by event.",
+            labels=["event"],
+        ),
+        events,
+    )
+    yield _labelled(
+        CounterMetricFamily(
+            "relay_nat_drops",
+            "Guest packets the NAT did not forward (egress policy, limits, errors), by reason.",
+            labels=["reason"],
+        ),
+        drops,
+    )

@@ -150,8 +150,7 @@ def relay_status(
         "lans": [lan_status(network, clocks) for network in list(relay.lans.networks.values())],
         "lans_refused": relay.lans.refused,
         "lans_evicted": relay.lans.evicted,
-        # NAT arrives with a later issue; the key is here (all zeros) so clients can rely on it.
-        "nat": {"available": False, "flows": 0, "tcp": 0, "udp": 0, "icmp": 0},
+        "nat": nat_status(relay),
         "quic": {
             "connections": len(endpoint.peers),
             "half_open": endpoint.half_open,
@@ -208,3 +207,19 @@ def peer_status(port: Port, clocks: Clocks) -> Json:
 
 def _counts(counter: Counter[str]) -> dict[str, int]:
     return {str(key): value for key, value in sorted(counter.items()) if value}
+
+
+def nat_status(relay: Relay) -> Json:
+    nat = relay.lans.nat
+    if nat is None:
+        return {"available": False, "flows": 0, "tcp": 0, "udp": 0, "icmp": 0}
+    counts = nat.flow_counts()
+    return {
+        "available": True,
+        "flows": sum(counts.values()),
+        **counts,
+        "icmp_mode": nat.icmp_mode.value,
+        "events": _counts(nat.context.events),
+        "drops": _counts(nat.context.drops),
+        "refusals": _counts(nat.context.budget.refusals),
+    }

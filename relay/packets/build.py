@@ -19,6 +19,10 @@ ARP_REPLY = 2
 ICMP_ECHO_REPLY = 0
 ICMP_UNREACHABLE = 3
 ICMP_ECHO_REQUEST = 8
+# Destination-unreachable codes (RFC 792, RFC 1812).
+UNREACHABLE_HOST = 1
+UNREACHABLE_PORT = 3
+UNREACHABLE_ADMIN = 13
 
 
 def internet_checksum(data: bytes) -> int:
@@ -51,10 +55,18 @@ def arp_frame(
 
 
 def ipv4(
-    src: bytes, dst: bytes, proto: int, payload: bytes, *, ttl: int = 64, ident: int = 0
+    src: bytes,
+    dst: bytes,
+    proto: int,
+    payload: bytes,
+    *,
+    ttl: int = 64,
+    ident: int = 0,
+    fragment: int = 0,
 ) -> bytes:
-    """An IPv4 packet with a 20-byte header, DF clear."""
-    header = _IPV4.pack(0x45, 0, 20 + len(payload), ident, 0, ttl, proto, 0, src, dst)
+    """An IPv4 packet with a 20-byte header; ``fragment`` is the flags and offset field
+    (0: DF clear, not a fragment)."""
+    header = _IPV4.pack(0x45, 0, 20 + len(payload), ident, fragment, ttl, proto, 0, src, dst)
     checksum = internet_checksum(header)
     return header[:10] + checksum.to_bytes(2, "big") + header[12:] + payload
 
@@ -92,3 +104,36 @@ def icmp_frame(
     dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes, message: bytes
 ) -> bytes:
     return ethernet(dst_mac, src_mac, ETHERTYPE_IPV4, ipv4(src_ip, dst_ip, IPPROTO_ICMP, message))
+
+
+def icmp_error(type_: int, code: int, original: bytes) -> bytes:
+    """An ICMP error quoting ``original`` (an IPv4 packet): its header and the first 8 bytes
+    of its payload, which is what the guest's stack matches the error to its socket by."""
+    header_len = (original[0] & 0x0F) * 4 if original else 0
+    return icmp(type_, code, b"\x00\x00\x00\x00", original[: header_len + 8])
+
+
+def ipv4_frame(
+    dst_mac: bytes, src_mac: bytes, src_ip: bytes, dst_ip: bytes, proto: int, payload: bytes
+) -> bytes:
+    """An Ethernet frame carrying one IPv4 packet (checksums of ``payload`` are the caller's)."""
+    return ethernet(dst_mac, src_mac, ETHERTYPE_IPV4, ipv4(src_ip, dst_ip, proto, payload))
+
+
+MORE_FRAGMENTS = 0x2000
+
+
+def ipv4_fragments(
+    src: bytes, dst: bytes, proto: int, payload: bytes, mtu: int, *, ident: int
+) -> list[bytes]:
+    """``payload`` as IPv4 packets of at most ``mtu`` bytes: one packet when it fits, else
+    fragments (RFC 791), so a guest with a small MTU still gets a large UDP answer."""
+    if 20 + len(payload) <= mtu:
+        return [ipv4(src, dst, proto, payload, ident=ident)]
+    step = (mtu - 20) // 8 * 8
+    packets = []
+    for start in range(0, len(payload), step):
+        piece = payload[start : start + step]
+        more = MORE_FRAGMENTS if start + step < len(payload) else 0
+        packets.append(ipv4(src, dst, proto, piece, ident=ident, fragment=more | (start // 8)))
+    return packets

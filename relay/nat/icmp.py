@@ -1,0 +1,275 @@
+"""ICMP echo to the outside without root: real replies, real payload, real round-trip time.
+
+Modes, chosen once at start (``--icmp-mode``, logged):
+
+* ``socket``: Linux ping sockets (``SOCK_DGRAM``/``IPPROTO_ICMP``), allowed when the relay's
+  group is in ``net.ipv4.ping_group_range``. One connected socket per (VM, echo id,
+  destination); the kernel replaces the echo id with the socket's own, so replies get the
+  guest's id back.
+* ``raw``: one raw ICMP socket (needs ``CAP_NET_RAW``); the relay picks a wire id per flow and
+  demultiplexes replies by (source, id).
+* ``off``: neither is permitted; echo requests get ICMP "administratively prohibited". Never
+  a fabricated reply: a fake ping makes unreachable hosts look alive.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+import trio
+
+from relay.errors import ConfigError
+from relay.nat.context import NatContext, log
+from relay.nat.guest import Guest
+from relay.nat.policy import Proto
+from relay.nat.settings import IcmpMode
+from relay.packets import build
+from relay.packets.headers import IPPROTO_ICMP
+
+EchoKey = tuple[str, bytes, int, bytes]
+"""(LAN, VM address, the guest's echo id, destination)."""
+RECEIVE_SIZE = 65535
+
+
+def _open(kind: int) -> socket.socket:
+    return socket.socket(socket.AF_INET, kind, socket.IPPROTO_ICMP)
+
+
+def detect_mode(requested: IcmpMode) -> IcmpMode:
+    """The mode to use: the requested one if this process may, else (``auto``) the best one."""
+    if requested is IcmpMode.OFF:
+        return IcmpMode.OFF
+    for mode, kind in ((IcmpMode.SOCKET, socket.SOCK_DGRAM), (IcmpMode.RAW, socket.SOCK_RAW)):
+        if requested not in (IcmpMode.AUTO, mode):
+            continue
+        try:
+            _open(kind).close()
+        except OSError as exc:
+            if requested is mode:
+                raise ConfigError(f"--icmp-mode {mode.value}: {exc.strerror}") from None
+            continue
+        return mode
+    return IcmpMode.OFF
+
+
+def describe(mode: IcmpMode) -> str:
+    return {
+        IcmpMode.SOCKET: "ping sockets",
+        IcmpMode.RAW: "a raw ICMP socket",
+        IcmpMode.OFF: (
+            "none: ping sockets are not permitted (widen net.ipv4.ping_group_range to the "
+            "relay's group) and raw sockets need CAP_NET_RAW; echo requests are refused"
+        ),
+        IcmpMode.AUTO: "auto",
+    }[mode]
+
+
+@dataclass(eq=False)
+class EchoFlow:
+    key: EchoKey
+    guest: Guest
+    wire_id: int
+    last_used: float
+    sock: socket.socket | None = None
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def guest_id(self) -> int:
+        return self.key[2]
+
+    @property
+    def dst(self) -> bytes:
+        return self.key[3]
+
+
+class IcmpNat:
+    """Echo flows of every LAN."""
+
+    def __init__(self, context: NatContext, mode: IcmpMode) -> None:
+        assert mode is not IcmpMode.AUTO
+        self.context = context
+        self.mode = mode
+        self.flows: dict[EchoKey, EchoFlow] = {}
+        self._by_wire: dict[tuple[bytes, int], EchoFlow] = {}
+        self._wire_ids = itertools.count(1)
+        self._raw: socket.socket | None = None
+        if mode is IcmpMode.RAW:
+            self._raw = _open(socket.SOCK_RAW)
+            self._raw.setblocking(False)
+
+    async def run(self) -> None:
+        """The raw socket's receive loop (raw mode); other modes need no task of their own."""
+        raw = self._raw
+        if raw is None:
+            await trio.sleep_forever()
+            return
+        sock = trio.socket.from_stdlib_socket(raw)
+        try:
+            while True:
+                packet = await sock.recv(RECEIVE_SIZE)
+                self._raw_reply(packet)
+        finally:
+            self._raw = None
+            raw.close()
+
+    def known(self, guest: Guest, packet: bytes, now: float) -> bool:
+        """Forward an echo request of an existing flow; False if it needs a new one."""
+        message = _echo_request(packet)
+        if message is None:
+            self.context.drop("icmp_unsupported", "ICMP other than echo request")
+            return True
+        key = (guest.link.name, guest.ip, _echo_id(message), packet[16:20])
+        flow = self.flows.get(key)
+        if flow is None:
+            return False
+        self._send(flow, message, now)
+        return True
+
+    def open(self, guest: Guest, packet: bytes, now: float) -> None:
+        context = self.context
+        message = _echo_request(packet)
+        assert message is not None
+        if self.mode is IcmpMode.OFF:
+            context.drop("icmp_unavailable", "no ICMP mode: echo refused")
+            guest.send_unreachable(build.UNREACHABLE_ADMIN, packet)
+            return
+        refusal = context.budget.admit(guest.vm, Proto.ICMP, now)
+        if refusal is not None:
+            context.drop(f"icmp_{refusal.value}", "ICMP flow refused")
+            return
+        key = (guest.link.name, guest.ip, _echo_id(message), packet[16:20])
+        flow = EchoFlow(key, guest, self._next_wire_id(key[3]), now)
+        if self.mode is IcmpMode.SOCKET:
+            try:
+                flow.sock = _open(socket.SOCK_DGRAM)
+                flow.sock.setblocking(False)
+                flow.sock.connect((str(IPv4Address(flow.dst)), 0))
+            except OSError as exc:
+                if flow.sock is not None:
+                    flow.sock.close()
+                context.budget.release(guest.vm, Proto.ICMP)
+                context.drop("icmp_socket_error", "cannot open a ping socket: %s", exc.strerror)
+                return
+        if not context.spawn(lambda: self._run_flow(flow), name="nat icmp"):
+            if flow.sock is not None:
+                flow.sock.close()
+            context.budget.release(guest.vm, Proto.ICMP)
+            return
+        self.flows[key] = flow
+        self._by_wire[(flow.dst, flow.wire_id)] = flow
+        context.events["icmp_opened"] += 1
+        self._send(flow, message, now)
+
+    def _next_wire_id(self, dst: bytes) -> int:
+        for _ in range(0x10000):
+            wire_id = next(self._wire_ids) & 0xFFFF
+            if wire_id and (dst, wire_id) not in self._by_wire:
+                return wire_id
+        return 0
+
+    def _send(self, flow: EchoFlow, message: bytes, now: float) -> None:
+        context = self.context
+        if not context.budget.take_bytes(flow.guest.vm, "out", len(message), now):
+            context.drop("icmp_rate", "ICMP over the VM's byte rate")
+            return
+        flow.last_used = now
+        try:
+            if flow.sock is not None:
+                flow.sock.send(message)  # the kernel sets the id and the checksum
+            elif self._raw is not None:
+                wire = _with_id(message, flow.wire_id)
+                self._raw.sendto(wire, (str(IPv4Address(flow.dst)), 0))
+            else:
+                context.drop("icmp_not_ready", "raw ICMP socket not open")
+                return
+        except BlockingIOError:
+            context.drop("icmp_send_would_block", "ICMP socket buffer full")
+        except OSError as exc:
+            context.drop("icmp_send_error", "ICMP send failed: %s", exc.strerror)
+        else:
+            context.events["icmp_echo_out"] += 1
+
+    def _reply(self, flow: EchoFlow, message: bytes) -> None:
+        """An echo reply from ``flow.dst``: to the guest, with the guest's id."""
+        if len(message) < 8 or message[0] != build.ICMP_ECHO_REPLY:
+            return
+        now = trio.current_time()
+        if not self.context.budget.take_bytes(flow.guest.vm, "in", len(message), now):
+            self.context.drop("icmp_rate_in", "ICMP reply over the VM's byte rate")
+            return
+        flow.last_used = now
+        reply = _with_id(message, flow.guest_id)
+        flow.guest.send_packet(flow.dst, IPPROTO_ICMP, reply, self.context.settings.mtu)
+        self.context.events["icmp_echo_in"] += 1
+
+    def _raw_reply(self, packet: bytes) -> None:
+        if len(packet) < 20:
+            return
+        header_len = (packet[0] & 0x0F) * 4
+        message = packet[header_len:]
+        if len(message) < 8 or message[0] != build.ICMP_ECHO_REPLY:
+            return
+        flow = self._by_wire.get((packet[12:16], _echo_id(message)))
+        if flow is not None:
+            self._reply(flow, message)
+
+    async def _run_flow(self, flow: EchoFlow) -> None:
+        idle = self.context.settings.icmp_idle
+        try:
+            with flow.scope:
+                sock = None if flow.sock is None else trio.socket.from_stdlib_socket(flow.sock)
+                while True:
+                    deadline = flow.last_used + idle
+                    if trio.current_time() >= deadline:
+                        return
+                    if sock is None:
+                        await trio.sleep_until(deadline)
+                        continue
+                    with trio.move_on_at(deadline):
+                        try:
+                            message = await sock.recv(RECEIVE_SIZE)
+                        except OSError:
+                            continue  # an ICMP error about an earlier request
+                        self._reply(flow, message)
+        except Exception:
+            log.exception("ICMP flow failed")
+        finally:
+            self._close(flow)
+
+    def _close(self, flow: EchoFlow) -> None:
+        if self.flows.pop(flow.key, None) is None:
+            return
+        self._by_wire.pop((flow.dst, flow.wire_id), None)
+        self.context.budget.release(flow.guest.vm, Proto.ICMP)
+        flow.scope.cancel()
+        if flow.sock is not None:
+            trio.lowlevel.notify_closing(flow.sock)
+            flow.sock.close()
+
+    def close_lan(self, name: str) -> None:
+        for flow in [f for f in self.flows.values() if f.key[0] == name]:
+            self._close(flow)
+
+
+def _echo_request(packet: bytes) -> bytes | None:
+    """The ICMP message of ``packet`` if it is a whole echo request with a good checksum."""
+    header_len = (packet[0] & 0x0F) * 4
+    message = packet[header_len:]
+    if len(message) < 8 or message[0] != build.ICMP_ECHO_REQUEST or message[1] != 0:
+        return None
+    if build.internet_checksum(message) != 0:
+        return None
+    return message
+
+
+def _echo_id(message: bytes) -> int:
+    return (message[4] << 8) | message[5]
+
+
+def _with_id(message: bytes, echo_id: int) -> bytes:
+    """``message`` with another echo id and the checksum recomputed."""
+    body = message[:2] + b"\x00\x00" + echo_id.to_bytes(2, "big") + message[6:]
+    return body[:2] + build.internet_checksum(body).to_bytes(2, "big") + body[4:]
