@@ -52,6 +52,7 @@ class IcmpModeChoice(StrEnum):
     auto = "auto"
     socket = "socket"
     raw = "raw"
+    command = "command"
     off = "off"
 
 
@@ -165,8 +166,8 @@ def serve(
         IcmpModeChoice,
         typer.Option(
             envvar="RELAY_ICMP_MODE",
-            help="How VMs' pings leave: ping sockets, a raw socket, or off (refused); "
-            "auto picks the first this process may use.",
+            help="How VMs' pings leave: ping sockets, a raw socket, the ping command, or off "
+            "(refused); auto picks the first this process may use.",
         ),
     ] = IcmpModeChoice.auto,
     no_nat: Annotated[

@@ -87,6 +87,5 @@ class RelayConfig:
         for rule in (*self.egress_allow, *self.egress_deny):
             parse_rule(rule)
         if self.icmp_mode not in {mode.value for mode in IcmpMode}:
-            raise ConfigError(
-                f"--icmp-mode must be one of auto, socket, raw, off: {self.icmp_mode}"
-            )
+            choices = ", ".join(mode.value for mode in IcmpMode)
+            raise ConfigError(f"--icmp-mode must be one of {choices}: {self.icmp_mode}")

@@ -94,7 +94,8 @@ def make_nat(config: RelayConfig) -> Nat | None:
     policy = EgressPolicy(
         allow=[parse_rule(text) for text in config.egress_allow],
         deny=[parse_rule(text) for text in config.egress_deny],
-        host_addresses=host_addresses(),
+        # Loopback is in the table already (and its own reason is clearer in the counters).
+        host_addresses=[address for address in host_addresses() if not address.is_loopback],
     )
     settings = NatSettings(
         mtu=config.guest_mtu, icmp_mode=IcmpMode(config.icmp_mode), limits=config.nat_limits
@@ -226,6 +227,8 @@ async def serve(
                     out, identity, addresses, http_addresses, https=certs.ssl_context() is not None
                 )
                 _log_upstreams(upstreams)
+                if nat is not None:
+                    nat.log_mode()
                 notifier.ready(f"listening on udp port {addresses[0][1]}")
                 nursery.start_soon(run_watchdog, notifier)
                 task_status.started(Listening(addresses, identity, relay, http_addresses, app))

@@ -21,7 +21,6 @@ import sys
 import time
 
 from relay.nat.tcp_segment import ACK, RST, SYN, Segment, build_segment, parse_segment
-
 from relay.packets import build
 from relay.packets.headers import IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP
 

@@ -42,6 +42,19 @@ class LossyForwarder:
         await front.bind(("127.0.0.1", self.port))
         self.port = front.getsockname()[1]
         backs: dict[tuple[str, int], trio.socket.SocketType] = {}
+        try:
+            await self._forward(front, backs, task_status)
+        finally:
+            front.close()
+            for back in backs.values():
+                back.close()
+
+    async def _forward(
+        self,
+        front: trio.socket.SocketType,
+        backs: dict[tuple[str, int], trio.socket.SocketType],
+        task_status: trio.TaskStatus[int],
+    ) -> None:
         async with trio.open_nursery() as nursery:
             task_status.started(self.port)
             while True:

@@ -150,9 +150,7 @@ async def test_denied_destination_gets_admin_prohibited_and_a_count(
 async def test_udp_flows_past_the_cap_evict_the_least_recently_used(
     nursery: trio.Nursery, echo_server: int
 ) -> None:
-    nat = await start_nat(
-        nursery, "127.0.0.1", limits=NatLimits(udp_per_vm=2, new_flows_burst=10)
-    )
+    nat = await start_nat(nursery, "127.0.0.1", limits=NatLimits(udp_per_vm=2, new_flows_burst=10))
     lan = FakeLan()
     for sport in (1001, 1002, 1003):
         send(nat, lan, udp_packet(LOOPBACK, sport, echo_server, b"x"))
@@ -177,6 +175,24 @@ async def test_icmp_echo_gets_a_real_reply_with_the_guests_id(nursery: trio.Nurs
     assert ip.data.type == 0 and (ip.data.data.id, ip.data.data.seq) == (0x1234, 7)
     assert ip.data.data.data == b"payload-" * 8
     assert build.internet_checksum(bytes(ip.data)) == 0
+
+
+async def test_icmp_command_mode_relays_the_ping_commands_answer(nursery: trio.Nursery) -> None:
+    """The ``ping`` fallback: a reply with the guest's id, sequence and payload."""
+    if detect_mode(IcmpMode.COMMAND) is not IcmpMode.COMMAND:
+        pytest.fail("no working ping command here: scripts/test installs iputils-ping")
+    nat = await start_nat(nursery, "127.0.0.1", icmp_mode=IcmpMode.COMMAND)
+    assert nat.icmp_mode is IcmpMode.COMMAND
+    lan = FakeLan()
+    rest = (0x1234).to_bytes(2, "big") + (2).to_bytes(2, "big")
+    message = build.icmp(build.ICMP_ECHO_REQUEST, 0, rest, b"command-" * 8)
+    send(nat, lan, build.ipv4(VM.ip, LOOPBACK, IPPROTO_ICMP, message))
+    ip = await lan.next_ip()
+    assert ip.src == LOOPBACK and ip.data.type == 0
+    assert (ip.data.data.id, ip.data.data.seq) == (0x1234, 2)
+    assert ip.data.data.data == b"command-" * 8
+    assert build.internet_checksum(bytes(ip.data)) == 0
+    assert (nat.context.events["icmp_echo_out"], nat.context.events["icmp_echo_in"]) == (1, 1)
 
 
 async def test_icmp_off_refuses_instead_of_faking_a_reply(nursery: trio.Nursery) -> None:

@@ -1,9 +1,9 @@
 """The NAT with real Linux stacks: a VM namespace on the relay's LAN (``relay tap``) reaches
 an "internet" namespace of the test's own over a veth, through the relay's host sockets.
 
-The internet side runs dnsmasq, an HTTP server and iperf3 at 198.18.0.2 (a benchmarking
+The internet side runs dnsmasq, an HTTP server and iperf3 at 198.19.7.2 (a benchmarking
 range the default egress policy denies; the tests open exactly it with ``--egress-allow``).
-198.18.0.1 is the relay host's end of the veth, and so one of its own addresses.
+198.19.7.1 is the relay host's end of the veth, and so one of its own addresses.
 """
 
 from __future__ import annotations
@@ -29,20 +29,23 @@ from test_netns_lan import relay_config, start_relay_in
 from relay.config import RelayConfig
 from relay.nat.limits import NatLimits
 from relay.nat.service import Nat
+from relay.nat.settings import IcmpMode
 from relay.server import Listening
 
 pytestmark = pytest.mark.netns
 
 TESTS = Path(__file__).resolve().parent
-HOST_SIDE, SERVER, NOBODY = "198.18.0.1", "198.18.0.2", "198.18.0.3"
+HOST_SIDE, SERVER, NOBODY = "198.19.7.1", "198.19.7.2", "198.19.7.3"
 ALLOW = f"{SERVER}/31"  # the server and an address nobody answers at
 HTTP_PORT, IPERF_PORT = 8080, 5201
 BIG = 50 * 1024 * 1024
+LOSSY = 10 * 1024 * 1024
+"""Under loss the transfers take minutes at 50 MB on this machine: 10 MB each way."""
 
 
 @asynccontextmanager
 async def internet(ns: Netns, www: Path) -> AsyncIterator[None]:
-    """The veth to ``ns`` (198.18.0.0/24) and the servers in it."""
+    """The veth to ``ns`` (198.19.7.0/24: not the benchmark's 198.18.0.0/24) and its servers."""
     for tool in ("dnsmasq", "iperf3"):
         require_tool(tool)
     outer, inner = unique("rv"), unique("rv")
@@ -79,8 +82,10 @@ async def internet(ns: Netns, www: Path) -> AsyncIterator[None]:
             assert (await http.stdout.receive_some(64)).startswith(b"ready")
         with trio.fail_after(15):  # dnsmasq is up when it answers (dig waits 1 s per try)
             dig = ["dig", f"@{SERVER}", "nat-lookup.test", "+short", "+time=1", "+tries=1"]
-            while b"192.0.2.55" not in (await trio.run_process(dig, capture_stdout=True)).stdout:
-                pass
+            while True:
+                done = await trio.run_process(dig, capture_stdout=True, check=False)
+                if b"192.0.2.55" in done.stdout:
+                    break
         await until_listening(SERVER, IPERF_PORT)
         yield
     finally:
@@ -100,15 +105,16 @@ async def until_listening(host: str, port: int) -> None:
             return
 
 
-def big_file(directory: Path) -> str:
-    """A 50 MB file of random bytes in ``directory``; its SHA-256."""
-    data = os.urandom(BIG)
+def big_file(directory: Path, size: int) -> str:
+    """A file of ``size`` random bytes in ``directory``; its SHA-256."""
+    data = os.urandom(size)
     (directory / "big.bin").write_bytes(data)
     return hashlib.sha256(data).hexdigest()
 
 
 def nat_config(data: Path, **extra: object) -> RelayConfig:
-    return replace(relay_config(data), egress_allow=(ALLOW,), **extra)  # type: ignore[arg-type]
+    settings: dict[str, object] = {"egress_allow": (ALLOW,), **extra}
+    return replace(relay_config(data), **settings)  # type: ignore[arg-type]
 
 
 @asynccontextmanager
@@ -121,17 +127,30 @@ async def vm_on_relay(
 
 
 @contextmanager
-def files(tmp: Path) -> Iterator[tuple[Path, str]]:
+def files(tmp: Path, size: int = BIG) -> Iterator[tuple[Path, str]]:
     www = tmp / "www"
     www.mkdir(exist_ok=True)
-    yield www, big_file(www)
+    yield www, big_file(www, size)
 
 
-async def curl_sha256(vm: Netns, url: str, seconds: float = 240) -> str:
+async def curl_sha256(vm: Netns, url: str, into: Path, seconds: float = 240) -> str:
+    """Download ``url`` in the VM into the file ``into``; the SHA-256 of what arrived.
+    curl's own failure (an incomplete transfer) fails the test with curl's message."""
     done = await vm.arun(
-        "sh", "-c", f"curl -sS --fail --max-time {int(seconds)} {url} | sha256sum", seconds=seconds
+        "curl",
+        "-sS",
+        "--fail",
+        "--max-time",
+        str(int(seconds)),
+        "-o",
+        str(into),
+        url,
+        seconds=seconds + 5,
+        check=False,
     )
-    return done.stdout.decode().split()[0]
+    data = await trio.Path(into).read_bytes() if done.returncode == 0 else b""
+    assert done.returncode == 0, f"curl: {done.stderr.decode().strip()}"
+    return hashlib.sha256(data).hexdigest()
 
 
 async def upload(vm: Netns, path: Path, seconds: float = 240) -> list[str]:
@@ -195,7 +214,10 @@ async def test_ping_dns_http_and_iperf_through_the_nat(tmp_path: Path) -> None:
                         "dig", f"@{SERVER}", "nat-lookup.test", "+short", "+time=2", *extra
                     )
                     assert answer.stdout.decode().split() == ["192.0.2.55"]
-                assert await curl_sha256(vm, f"http://{SERVER}:{HTTP_PORT}/big.bin") == digest
+                assert (
+                    await curl_sha256(vm, f"http://{SERVER}:{HTTP_PORT}/big.bin", tmp_path / "got")
+                    == digest
+                )
                 assert await upload(vm, www / "big.bin") == [digest, str(BIG)]
                 up = await iperf(vm)
                 down = await iperf(vm, "--reverse")
@@ -205,10 +227,31 @@ async def test_ping_dns_http_and_iperf_through_the_nat(tmp_path: Path) -> None:
             await stop()
 
 
+async def test_ping_command_fallback_answers_only_for_a_live_host(tmp_path: Path) -> None:
+    """``--icmp-mode command``, where neither ping sockets nor raw sockets are permitted."""
+    for tool in ("udhcpc", "ping"):
+        require_tool(tool)
+    with files(tmp_path, 1024) as (www, _):
+        async with (
+            namespaces(2) as (vm, inet),
+            internet(inet, www),
+            trio.open_nursery() as nursery,
+        ):
+            config = nat_config(tmp_path / "data", icmp_mode="command")
+            relay, stop = await start_relay_in(nursery, config)
+            async with vm_on_relay(vm, relay, tmp_path):
+                nat = nat_of(relay)
+                assert nat.icmp_mode is IcmpMode.COMMAND
+                assert await vm.ping(SERVER, "-s", "100")
+                assert not await vm.ping(NOBODY, count=2, wait=2)
+                assert nat.context.events["icmp_echo_in"] >= 3
+            await stop()
+
+
 async def test_transfers_complete_with_five_percent_datagram_loss(tmp_path: Path) -> None:
     for tool in ("udhcpc", "curl", "iperf3"):
         require_tool(tool)
-    with files(tmp_path) as (www, digest):
+    with files(tmp_path, LOSSY) as (www, digest):
         async with (
             namespaces(2) as (vm, inet),
             internet(inet, www),
@@ -218,18 +261,28 @@ async def test_transfers_complete_with_five_percent_datagram_loss(tmp_path: Path
             forwarder = LossyForwarder(relay.addresses[0], loss=0.05, seed=5)
             port = await nursery.start(forwarder.run)
             async with vm_on_relay(vm, relay, tmp_path, f"https://127.0.0.1:{port}/"):
-                assert await curl_sha256(vm, f"http://{SERVER}:{HTTP_PORT}/big.bin") == digest
-                assert await upload(vm, www / "big.bin") == [digest, str(BIG)]
+                started = trio.current_time()
+                assert (
+                    await curl_sha256(vm, f"http://{SERVER}:{HTTP_PORT}/big.bin", tmp_path / "got")
+                    == digest
+                )
+                downloaded = trio.current_time()
+                assert await upload(vm, www / "big.bin") == [digest, str(LOSSY)]
+                uploaded = trio.current_time()
+                print(
+                    f"10 MiB with 5% loss: down {downloaded - started:.1f} s, "
+                    f"up {uploaded - downloaded:.1f} s"
+                )
                 up = await iperf(vm)
                 down = await iperf(vm, "--reverse")
                 print(f"iperf3 with 5% loss: up {up:.1f} Mbit/s, down {down:.1f} Mbit/s")
                 assert up > 0.5 and down > 0.5
                 assert forwarder.dropped > 1000
-                retransmits = sum(c.flow.stats["retransmits"] for c in nat_of(relay).tcp.values())
-                print(
-                    f"lossy forwarder dropped {forwarder.dropped}; live retransmits {retransmits}"
-                )
+                events = nat_of(relay).context.events
+                recovery = {k: v for k, v in events.items() if k.endswith(("retransmits", "outs"))}
+                print(f"lossy forwarder dropped {forwarder.dropped}; NAT TCP recovery {recovery}")
             await stop()
+            nursery.cancel_scope.cancel()  # the forwarder runs until cancelled
 
 
 class Listeners:
@@ -275,53 +328,56 @@ async def probe(vm: Netns, tap: Tap, proto: str, dst: str, port: int, count: int
     return done.stdout.decode().split()
 
 
+@contextmanager
+def listening(address: str) -> Iterator[Listeners]:
+    listeners = Listeners(address)
+    try:
+        yield listeners
+    finally:
+        listeners.close()
+
+
 async def test_egress_policy_refuses_loopback_own_address_and_metadata(tmp_path: Path) -> None:
     require_tool("udhcpc")
-    loopback, own = Listeners("127.0.0.1"), Listeners(HOST_SIDE)
-    try:
-        async with (
-            namespaces(2) as (vm, inet),
-            trio.open_nursery() as nursery,
-            internet(inet, tmp_path),
-        ):
-            if True:
-                relay, stop = await start_relay_in(nursery, nat_config(tmp_path / "data"))
-                async with vm_on_relay(vm, relay, tmp_path) as tap:
-                    for dst, port in (
-                        ("127.0.0.1", loopback.port),
-                        (HOST_SIDE, own.port),
-                        ("169.254.169.254", 80),
-                    ):
-                        for proto in ("tcp", "udp", "icmp"):
-                            assert await probe(vm, tap, proto, dst, port) == ["admin_prohibited"], (
-                                proto,
-                                dst,
-                            )
-                    drops = nat_of(relay).context.drops
-                    assert drops["egress_loopback"] == 3
-                    assert drops["egress_host_address"] == 3
-                    assert drops["egress_link_local"] + drops["egress_metadata"] == 3
-                    # TCP 25 is denied by default even where the address is allowed.
-                    assert await probe(vm, tap, "tcp", SERVER, 25) == ["admin_prohibited"]
-                await stop()
-                allowed = nat_config(
-                    tmp_path / "data",
-                    egress_allow=(ALLOW, f"127.0.0.1:{loopback.port}", f"{HOST_SIDE}/32"),
-                )
-                relay, stop = await start_relay_in(nursery, allowed)
-                async with vm_on_relay(vm, relay, tmp_path) as tap:
-                    assert await probe(vm, tap, "tcp", "127.0.0.1", loopback.port) == ["synack"]
-                    assert await probe(vm, tap, "udp", "127.0.0.1", loopback.port) == ["udp_reply"]
-                    assert await probe(vm, tap, "tcp", HOST_SIDE, own.port) == ["synack"]
-                    assert await probe(vm, tap, "icmp", HOST_SIDE, 0) == ["echo_reply"]
-                    # The allow rule named one port: another port of loopback stays closed.
-                    assert await probe(vm, tap, "udp", "127.0.0.1", loopback.port + 1) == [
-                        "admin_prohibited"
-                    ]
-                await stop()
-    finally:
-        loopback.close()
-        own.close()
+    async with (
+        namespaces(2) as (vm, inet),
+        trio.open_nursery() as nursery,
+        internet(inet, tmp_path),
+    ):
+        with listening("127.0.0.1") as loopback, listening(HOST_SIDE) as own:
+            relay, stop = await start_relay_in(nursery, nat_config(tmp_path / "data"))
+            async with vm_on_relay(vm, relay, tmp_path) as tap:
+                for dst, port in (
+                    ("127.0.0.1", loopback.port),
+                    (HOST_SIDE, own.port),
+                    ("169.254.169.254", 80),
+                ):
+                    for proto in ("tcp", "udp", "icmp"):
+                        answer = await probe(vm, tap, proto, dst, port)
+                        assert answer == ["admin_prohibited"], (proto, dst)
+                drops = nat_of(relay).context.drops
+                assert drops["egress_loopback"] == 3
+                assert drops["egress_host_address"] == 3
+                assert drops["egress_link_local"] + drops["egress_metadata"] == 3
+            await stop()
+            allowed = nat_config(
+                tmp_path / "data",
+                egress_allow=(ALLOW, f"127.0.0.1:{loopback.port}", f"{HOST_SIDE}/32"),
+                egress_deny=(f"tcp/{SERVER}:{HTTP_PORT}",),
+            )
+            relay, stop = await start_relay_in(nursery, allowed)
+            async with vm_on_relay(vm, relay, tmp_path) as tap:
+                assert await probe(vm, tap, "tcp", "127.0.0.1", loopback.port) == ["synack"]
+                assert await probe(vm, tap, "udp", "127.0.0.1", loopback.port) == ["udp_reply"]
+                assert await probe(vm, tap, "tcp", HOST_SIDE, own.port) == ["synack"]
+                assert await probe(vm, tap, "icmp", HOST_SIDE, 0) == ["echo_reply"]
+                # The rule named one port: another port of loopback stays closed.
+                closed = await probe(vm, tap, "udp", "127.0.0.1", loopback.port + 1)
+                assert closed == ["admin_prohibited"]
+                # A deny rule wins over the allow rule that covers the same address.
+                assert await probe(vm, tap, "tcp", SERVER, HTTP_PORT) == ["admin_prohibited"]
+                assert nat_of(relay).context.drops["egress_operator_deny"] == 1
+            await stop()
 
 
 HOLD = """
@@ -353,35 +409,34 @@ async def test_a_vm_past_its_flow_cap_is_refused_while_another_is_not(tmp_path: 
                 nursery, nat_config(tmp_path / "data", nat_limits=limits)
             )
             async with vm_on_relay(vm1, relay, tmp_path), vm_on_relay(vm2, relay, tmp_path):
-                if True:
-                    holder = await vm1.popen(
-                        sys.executable,
-                        "-c",
-                        HOLD,
-                        SERVER,
-                        "6",
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                    )
-                    assert holder.stdout is not None
-                    with trio.fail_after(60):
-                        line = await holder.stdout.receive_some(64)
-                    assert line.decode().split() == ["4", "2"]
-                    assert nat_of(relay).context.drops["tcp_vm_flows"] == 2
-                    # The other VM still gets through, while vm1 holds its four.
-                    answer = await vm2.arun(
-                        "curl",
-                        "-sS",
-                        "--fail",
-                        "--max-time",
-                        "20",
-                        "-o",
-                        "/dev/null",
-                        "-w",
-                        "%{http_code}",
-                        f"http://{SERVER}:{HTTP_PORT}/big.bin",
-                        seconds=60,
-                    )
-                    assert answer.stdout == b"200"
-                    holder.kill()
+                holder = await vm1.popen(
+                    sys.executable,
+                    "-c",
+                    HOLD,
+                    SERVER,
+                    "6",
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                )
+                assert holder.stdout is not None
+                with trio.fail_after(60):
+                    line = await holder.stdout.receive_some(64)
+                assert line.decode().split() == ["4", "2"]
+                assert nat_of(relay).context.drops["tcp_vm_flows"] == 2
+                # The other VM still gets through, while vm1 holds its four.
+                answer = await vm2.arun(
+                    "curl",
+                    "-sS",
+                    "--fail",
+                    "--max-time",
+                    "20",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    f"http://{SERVER}:{HTTP_PORT}/big.bin",
+                    seconds=60,
+                )
+                assert answer.stdout == b"200"
+                holder.kill()
             await stop()

@@ -8,13 +8,16 @@ Modes, chosen once at start (``--icmp-mode``, logged):
   guest's id back.
 * ``raw``: one raw ICMP socket (needs ``CAP_NET_RAW``); the relay picks a wire id per flow and
   demultiplexes replies by (source, id).
-* ``off``: neither is permitted; echo requests get ICMP "administratively prohibited". Never
+* ``command``: the system ``ping`` run per echo request (:mod:`relay.nat.icmp_command`), for
+  hosts where only a setuid or capability-carrying ``ping`` may send ICMP.
+* ``off``: none of these is permitted; echo requests get ICMP "administratively prohibited". Never
   a fabricated reply: a fake ping makes unreachable hosts look alive.
 """
 
 from __future__ import annotations
 
 import itertools
+import shutil
 import socket
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -24,6 +27,7 @@ import trio
 from relay.errors import ConfigError
 from relay.nat.context import NatContext, log
 from relay.nat.guest import Guest
+from relay.nat.icmp_command import MAX_PAYLOAD, echo_reply, find_ping, ping_once
 from relay.nat.policy import Proto
 from relay.nat.settings import IcmpMode
 from relay.packets import build
@@ -32,6 +36,11 @@ from relay.packets.headers import IPPROTO_ICMP
 EchoKey = tuple[str, bytes, int, bytes]
 """(LAN, VM address, the guest's echo id, destination)."""
 RECEIVE_SIZE = 65535
+COMMAND_WAIT = 3
+"""Seconds a ``ping`` process waits for its reply (command mode)."""
+COMMAND_CONCURRENCY = 16
+"""``ping`` processes running at once, all VMs together; requests beyond are dropped."""
+COMMAND_QUEUE = 4
 
 
 def _open(kind: int) -> socket.socket:
@@ -52,6 +61,11 @@ def detect_mode(requested: IcmpMode) -> IcmpMode:
                 raise ConfigError(f"--icmp-mode {mode.value}: {exc.strerror}") from None
             continue
         return mode
+    if requested in (IcmpMode.AUTO, IcmpMode.COMMAND):
+        if find_ping() is not None:
+            return IcmpMode.COMMAND
+        if requested is IcmpMode.COMMAND:
+            raise ConfigError("--icmp-mode command: no ping command that can reach 127.0.0.1")
     return IcmpMode.OFF
 
 
@@ -59,9 +73,14 @@ def describe(mode: IcmpMode) -> str:
     return {
         IcmpMode.SOCKET: "ping sockets",
         IcmpMode.RAW: "a raw ICMP socket",
+        IcmpMode.COMMAND: (
+            "the ping command, one process per echo request (ping sockets are not permitted: "
+            "widen net.ipv4.ping_group_range to the relay's group for the cheaper way)"
+        ),
         IcmpMode.OFF: (
             "none: ping sockets are not permitted (widen net.ipv4.ping_group_range to the "
-            "relay's group) and raw sockets need CAP_NET_RAW; echo requests are refused"
+            "relay's group), raw sockets need CAP_NET_RAW and no ping command works; echo "
+            "requests are refused"
         ),
         IcmpMode.AUTO: "auto",
     }[mode]
@@ -74,6 +93,8 @@ class EchoFlow:
     wire_id: int
     last_used: float
     sock: socket.socket | None = None
+    requests: trio.MemorySendChannel[bytes] | None = None
+    """Command mode: echo requests waiting for a ``ping`` process."""
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
     @property
@@ -96,6 +117,8 @@ class IcmpNat:
         self._by_wire: dict[tuple[bytes, int], EchoFlow] = {}
         self._wire_ids = itertools.count(1)
         self._raw: socket.socket | None = None
+        self._ping = shutil.which("ping") if mode is IcmpMode.COMMAND else None
+        self._commands = trio.CapacityLimiter(COMMAND_CONCURRENCY)
         if mode is IcmpMode.RAW:
             self._raw = _open(socket.SOCK_RAW)
             self._raw.setblocking(False)
@@ -153,7 +176,10 @@ class IcmpNat:
                 context.budget.release(guest.vm, Proto.ICMP)
                 context.drop("icmp_socket_error", "cannot open a ping socket: %s", exc.strerror)
                 return
-        if not context.spawn(lambda: self._run_flow(flow), name="nat icmp"):
+        receive: trio.MemoryReceiveChannel[bytes] | None = None
+        if self.mode is IcmpMode.COMMAND:
+            flow.requests, receive = trio.open_memory_channel[bytes](COMMAND_QUEUE)
+        if not context.spawn(lambda: self._run_flow(flow, receive), name="nat icmp"):
             if flow.sock is not None:
                 flow.sock.close()
             context.budget.release(guest.vm, Proto.ICMP)
@@ -177,7 +203,12 @@ class IcmpNat:
             return
         flow.last_used = now
         try:
-            if flow.sock is not None:
+            if flow.requests is not None:
+                if len(message) - 8 > MAX_PAYLOAD:
+                    context.drop("icmp_too_big", "echo payload too big for the ping command")
+                    return
+                flow.requests.send_nowait(message)
+            elif flow.sock is not None:
                 flow.sock.send(message)  # the kernel sets the id and the checksum
             elif self._raw is not None:
                 wire = _with_id(message, flow.wire_id)
@@ -185,8 +216,8 @@ class IcmpNat:
             else:
                 context.drop("icmp_not_ready", "raw ICMP socket not open")
                 return
-        except BlockingIOError:
-            context.drop("icmp_send_would_block", "ICMP socket buffer full")
+        except (BlockingIOError, trio.WouldBlock):
+            context.drop("icmp_send_would_block", "ICMP socket buffer or ping queue full")
         except OSError as exc:
             context.drop("icmp_send_error", "ICMP send failed: %s", exc.strerror)
         else:
@@ -216,10 +247,15 @@ class IcmpNat:
         if flow is not None:
             self._reply(flow, message)
 
-    async def _run_flow(self, flow: EchoFlow) -> None:
+    async def _run_flow(
+        self, flow: EchoFlow, requests: trio.MemoryReceiveChannel[bytes] | None
+    ) -> None:
         idle = self.context.settings.icmp_idle
         try:
             with flow.scope:
+                if requests is not None:
+                    await self._run_commands(flow, requests)
+                    return
                 sock = None if flow.sock is None else trio.socket.from_stdlib_socket(flow.sock)
                 while True:
                     deadline = flow.last_used + idle
@@ -239,6 +275,33 @@ class IcmpNat:
         finally:
             self._close(flow)
 
+    async def _run_commands(
+        self, flow: EchoFlow, requests: trio.MemoryReceiveChannel[bytes]
+    ) -> None:
+        """Command mode: a ``ping`` process per request, until the flow is idle."""
+        idle = self.context.settings.icmp_idle
+        async with trio.open_nursery() as nursery:
+            while True:
+                with trio.move_on_at(flow.last_used + idle):
+                    message = await requests.receive()
+                    try:
+                        self._commands.acquire_on_behalf_of_nowait(message)
+                    except trio.WouldBlock:
+                        self.context.drop("icmp_command_busy", "too many ping processes")
+                        continue
+                    nursery.start_soon(self._ping_command, flow, message)
+                    continue
+                return
+
+    async def _ping_command(self, flow: EchoFlow, message: bytes) -> None:
+        try:
+            assert self._ping is not None
+            dst = str(IPv4Address(flow.dst))
+            if await ping_once(self._ping, dst, len(message) - 8, COMMAND_WAIT):
+                self._reply(flow, echo_reply(message))
+        finally:
+            self._commands.release_on_behalf_of(message)
+
     def _close(self, flow: EchoFlow) -> None:
         if self.flows.pop(flow.key, None) is None:
             return
@@ -248,6 +311,8 @@ class IcmpNat:
         if flow.sock is not None:
             trio.lowlevel.notify_closing(flow.sock)
             flow.sock.close()
+        if flow.requests is not None:
+            flow.requests.close()
 
     def close_lan(self, name: str) -> None:
         for flow in [f for f in self.flows.values() if f.key[0] == name]:

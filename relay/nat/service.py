@@ -44,8 +44,11 @@ class Nat:
         self.tcp: dict[TcpKey, TcpConnection] = {}
         self._tcp_settings = tcp_settings(self.context)
 
-    async def run(self, task_status: trio.TaskStatus[Nat] = trio.TASK_STATUS_IGNORED) -> None:
+    def log_mode(self) -> None:
+        """Once at start, with the other startup lines (after the sockets are bound)."""
         log.info("NAT: ICMP echo through %s", describe(self.icmp_mode))
+
+    async def run(self, task_status: trio.TaskStatus[Nat] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             async with trio.open_nursery() as nursery:
                 self.context.nursery = nursery

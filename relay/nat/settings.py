@@ -14,6 +14,7 @@ class IcmpMode(Enum):
     AUTO = "auto"
     SOCKET = "socket"
     RAW = "raw"
+    COMMAND = "command"
     OFF = "off"
 
 

@@ -9,10 +9,13 @@ socket and shuttles bytes. What users feel is here, so it is built for loss:
   lost, and the window is the room left in a bounded buffer (backpressure to the guest);
 * out-of-order segments are kept (bounded by the window) and delivered upstream in order,
   exactly once;
+* SACK (RFC 2018) when the guest offers it: our ACKs carry blocks for the out-of-order data
+  we keep, so the guest's stack repairs several losses per round trip (and Linux may use
+  RACK and tail loss probes); its SACK blocks tell us which holes to resend first;
 * towards the guest: its window (scaled if both sides agreed), slow start and congestion
   avoidance, RFC 6298 RTO with Karn's rule and backoff, NewReno fast retransmit and
-  recovery, zero-window probes, and pacing in bursts so an emulated NIC with a small RX
-  ring is not flooded;
+  recovery, SACK-guided retransmission of holes, zero-window probes, and pacing in bursts
+  so an emulated NIC with a small RX ring is not flooded;
 * FIN half-close both ways, RST both ways, a short TIME_WAIT, idle and half-open timeouts.
 
 Sequence numbers are kept as unbounded offsets from each side's initial number (the SYN is
@@ -25,7 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 
-from relay.nat.tcp_segment import ACK, FIN, PSH, RST, SYN, Segment
+from relay.nat.tcp_segment import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, Segment
 
 MOD = 1 << 32
 DEFAULT_MSS = 536
@@ -34,6 +37,13 @@ PENDING_CHUNK = 65536
 """At most this much of the guest's data is handed to the driver per write."""
 TRIM_AT = 65536
 """Bytes acked (or written) before a buffer is compacted (a memmove per trim)."""
+REORDER_SLACK = 0.005
+"""Seconds beyond 1.5 round trips before a resent head segment counts as lost again."""
+MIN_PROBE = 0.01
+"""The tail loss probe waits at least this long."""
+DELAYED_ACK = 0.04
+"""Linux's shortest delayed ACK: added to the probe's wait when a lone segment is in flight
+(RFC 8985 §7.2), so a guest that delays its ACK is not probed for nothing."""
 
 
 class TcpState(Enum):
@@ -97,6 +107,8 @@ class TcpFlow:
         self._rcv_written = 1
         self._ooo: dict[int, bytes] = {}
         self._ooo_bytes = 0
+        self._last_ooo = 0  # offset of the latest out-of-order segment: our first SACK block
+        self._sack_ok = syn.sack_permitted
         self._fin_in: int | None = None  # offset of the guest's FIN once in order
         self._fin_in_acked = False
         self._shutdown_done = False
@@ -130,6 +142,10 @@ class TcpFlow:
         self._ssthresh = 1 << 30
         self._dupacks = 0
         self._recover: int | None = None
+        self._sacked: list[tuple[int, int]] = []  # guest's SACK blocks above snd_una, sorted
+        self._rexmit_next = 0  # in recovery: where the next hole retransmission may start
+        self._head_rexmit_at: float | None = None  # when snd_una was last resent, in recovery
+        self._probe_at: float | None = None  # tail loss probe (RFC 8985 §7, simplified)
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._rto = settings.initial_rto
@@ -246,16 +262,20 @@ class TcpFlow:
             self._established = True
             self._retries = 0
         window = segment.window << self._snd_shift
+        if segment.sack and self._sack_ok:
+            self._update_scoreboard(segment)
         if ack > self._snd_una:
             self._new_ack(ack, now)
         elif (
             ack == self._snd_una
             and not segment.payload
             and not segment.flags & FIN
-            and window == self._snd_wnd
+            # RFC 5681 wants the window unchanged, but a Linux guest's window grows while it
+            # tunes its buffer: an ACK with SACK blocks is a duplicate whatever its window.
+            and (window == self._snd_wnd or bool(segment.sack))
             and self._snd_max > self._snd_una
         ):
-            self._duplicate_ack()
+            self._duplicate_ack(now)
         if seq > self._wl1 or (seq == self._wl1 and ack >= self._wl2):
             opened = window > self._snd_wnd
             self._snd_wnd, self._wl1, self._wl2 = window, seq, ack
@@ -271,13 +291,16 @@ class TcpFlow:
         self._snd_una = ack
         if self._snd_nxt < ack:
             self._snd_nxt = ack
+        self._sacked = [(start, end) for start, end in self._sacked if end > ack]
         self._retries = 0
         if self._recover is not None:
             if ack >= self._recover:
                 self._cwnd = self._ssthresh  # full ACK: recovery over
                 self._recover = None
+                self._head_rexmit_at = None
             else:  # partial ACK: the next hole is lost too
-                self._retransmit_first()
+                self._retransmit_first(now)
+                self._rexmit_next = max(self._rexmit_next, ack + self.mss)
                 self._cwnd = max(self.mss, self._cwnd - acked + self.mss)
         elif self._cwnd < self._ssthresh:
             self._cwnd += min(acked, self.mss)
@@ -285,9 +308,10 @@ class TcpFlow:
             self._cwnd += max(1, self.mss * self.mss // self._cwnd)
         self._dupacks = 0
         self._rto_at = now + self._rto if self._snd_max > self._snd_una else None
+        self._arm_probe(now)
         self._trim_tx()
 
-    def _duplicate_ack(self) -> None:
+    def _duplicate_ack(self, now: float) -> None:
         self._dupacks += 1
         self.stats["dup_acks"] += 1
         if self._dupacks == 3 and self._recover is None:
@@ -295,14 +319,82 @@ class TcpFlow:
             self._ssthresh = max(flight // 2, 2 * self.mss)
             self._cwnd = self._ssthresh + 3 * self.mss
             self._recover = self._snd_max
+            self._probe_at = None
             self.stats["fast_retransmits"] += 1
-            self._retransmit_first()
+            self._retransmit_first(now)
+            self._rexmit_next = self._snd_una + self.mss
         elif self._dupacks > 3:
             self._cwnd += self.mss
+            if self._head_retransmit_lost(now):
+                self.stats["lost_retransmits"] += 1
+                self._retransmit_first(now)
+            else:
+                self._retransmit_hole()
 
-    def _retransmit_first(self) -> None:
+    def _arm_probe(self, now: float) -> None:
+        """Two round trips after the last progress, resend the first unacked segment: by then
+        it is lost (a hole below SACKed data, or a tail nothing followed), and the probe
+        repairs it without the RTO's wait and its collapse of the congestion window."""
+        self._probe_at = None
+        if self._srtt is None or self._recover is not None or self._snd_max <= self._snd_una:
+            return
+        wait = max(2 * self._srtt, MIN_PROBE)
+        if self._snd_max - self._snd_una <= self.mss:
+            wait += DELAYED_ACK
+        probe_at = now + wait
+        if self._rto_at is None or probe_at < self._rto_at:
+            self._probe_at = probe_at
+
+    def _on_probe(self, now: float) -> None:
+        self._probe_at = None
+        if self._recover is None and self._snd_max > self._snd_una and self._snd_wnd:
+            self.stats["tail_probes"] += 1
+            self.stats["retransmits"] += 1
+            self._timed = None
+            self._out.append(self._data_segment(self._snd_una, self.mss))
+
+    def _head_retransmit_lost(self, now: float) -> bool:
+        """RACK's idea, for the first hole only: a duplicate ACK arriving well over a round
+        trip after we resent ``snd_una`` means that copy was lost too. Without this a lost
+        retransmission waits for the RTO, which at 5 % loss is most of the lost time."""
+        if self._recover is None or self._head_rexmit_at is None or self._srtt is None:
+            return False
+        return now - self._head_rexmit_at > 1.5 * self._srtt + REORDER_SLACK
+
+    def _update_scoreboard(self, segment: Segment) -> None:
+        """Merge the guest's SACK blocks (those inside what is in flight) into ``_sacked``."""
+        blocks = list(self._sacked)
+        for left, right in segment.sack:
+            start, end = self._offset_out(left), self._offset_out(right)
+            if self._snd_una <= start < end <= self._snd_max:
+                blocks.append((start, end))
+        blocks.sort()
+        merged: list[tuple[int, int]] = []
+        for start, end in blocks:
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+            else:
+                merged.append((start, end))
+        self._sacked = merged[:64]
+
+    def _retransmit_hole(self) -> None:
+        """In recovery, one duplicate ACK more: resend the next hole below the highest SACKed
+        byte (RFC 6675's NextSeg, simplified), if the guest's blocks show one."""
+        offset = max(self._rexmit_next, self._snd_una)
+        for start, end in self._sacked:
+            if offset < start:
+                size = min(self.mss, start - offset)
+                self.stats["retransmits"] += 1
+                self.stats["sack_retransmits"] += 1
+                self._out.append(self._data_segment(offset, size))
+                self._rexmit_next = offset + size
+                return
+            offset = max(offset, end)
+
+    def _retransmit_first(self, now: float) -> None:
         """Send the segment at ``snd_una`` again, now."""
         self._timed = None
+        self._head_rexmit_at = now
         self.stats["retransmits"] += 1
         self._out.append(self._data_segment(self._snd_una, self.mss))
 
@@ -332,6 +424,7 @@ class TcpFlow:
                 if len(payload) > len(self._ooo.get(seq, b"")):
                     self._ooo_bytes += len(payload) - len(self._ooo.get(seq, b""))
                     self._ooo[seq] = payload
+                self._last_ooo = seq
                 self.stats["out_of_order"] += 1
             else:
                 self.stats["out_of_order_dropped"] += 1
@@ -439,7 +532,7 @@ class TcpFlow:
         candidates = [self._last_activity + self.settings.idle_timeout]
         if not self._established:
             candidates.append(self._created + self.settings.half_open_timeout)
-        for deadline in (self._rto_at, self._persist_at, self._time_wait_until):
+        for deadline in (self._rto_at, self._probe_at, self._persist_at, self._time_wait_until):
             if deadline is not None:
                 candidates.append(deadline)
         if self._pace_until and self._tx_end > self._snd_nxt:
@@ -464,6 +557,8 @@ class TcpFlow:
             return
         if self._rto_at is not None and now >= self._rto_at:
             self._on_rto(now)
+        if self._probe_at is not None and now >= self._probe_at:
+            self._on_probe(now)
         if self._persist_at is not None and now >= self._persist_at:
             self._on_persist(now)
 
@@ -489,7 +584,10 @@ class TcpFlow:
         self._ssthresh = max(flight // 2, 2 * self.mss)
         self._cwnd = self.mss
         self._recover = None
+        self._head_rexmit_at = None
+        self._probe_at = None
         self._dupacks = 0
+        self._sacked = []  # RFC 2018: the guest may have dropped what it SACKed
         self._snd_nxt = self._snd_una  # go back: resend from the first unacked byte
         self._pace_until = 0.0
         self.stats["timeouts"] += 1
@@ -509,6 +607,9 @@ class TcpFlow:
     def _segment(self, flags: int, offset: int, payload: bytes = b"") -> Segment:
         ack = self._rcv_written + (1 if self._fin_in_acked else 0)
         window = self._rcv_buffer if flags & SYN else self._rcv_buffer >> self._rcv_shift
+        # SACK blocks only on segments without data: with them a full segment would not
+        # fit the guest's MTU.
+        sack = self._sack_blocks() if self._ooo and self._sack_ok and not payload else ()
         return Segment(
             self.sport,
             self.dport,
@@ -517,7 +618,23 @@ class TcpFlow:
             flags,
             min(window, MAX_WINDOW),
             payload,
+            sack=sack,
         )
+
+    def _sack_blocks(self) -> tuple[tuple[int, int], ...]:
+        """The out-of-order data we keep, as wire SACK blocks; the block holding the latest
+        segment first (RFC 2018 §4), then the highest ones."""
+        ranges: list[tuple[int, int]] = []
+        for start in sorted(self._ooo):
+            end = start + len(self._ooo[start])
+            if ranges and start <= ranges[-1][1]:
+                ranges[-1] = (ranges[-1][0], max(end, ranges[-1][1]))
+            else:
+                ranges.append((start, end))
+        latest = [r for r in ranges if r[0] <= self._last_ooo < r[1]]
+        rest = [r for r in reversed(ranges) if r not in latest]
+        chosen = (latest + rest)[:MAX_SACK_BLOCKS]
+        return tuple(((self._irs + a) % MOD, (self._irs + b) % MOD) for a, b in chosen)
 
     def _data_segment(self, offset: int, size: int) -> Segment:
         """The segment starting at ``offset``: data, and the FIN if it is next."""
@@ -546,6 +663,7 @@ class TcpFlow:
                     synack.window,
                     mss=self.mss,
                     wscale=wscale,
+                    sack_permitted=self._sack_ok,
                 )
             )
             self._snd_nxt = self._snd_max = max(self._snd_max, 1)
@@ -589,6 +707,8 @@ class TcpFlow:
             if self._rto_at is None:
                 self._rto_at = now + self._rto
             sent += 1
+        if sent and self._probe_at is None:
+            self._arm_probe(now)
         if sent >= self.settings.max_burst and self._srtt is not None:
             segments_per_rtt = max(1.0, self._cwnd / self.mss)
             self._pace_until = now + self._srtt * sent / segments_per_rtt / 1.25

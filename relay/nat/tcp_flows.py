@@ -38,6 +38,15 @@ GUEST_QUEUE = 256
 """Segments from the guest waiting for the flow's task; more are dropped."""
 READ_SIZE = 65536
 WRITE_SIZE = 65536
+RECOVERY_STATS = (
+    "retransmits",
+    "sack_retransmits",
+    "fast_retransmits",
+    "lost_retransmits",
+    "tail_probes",
+    "timeouts",
+)
+"""A flow's loss-recovery counts, added to the NAT's events when it ends."""
 NOT_REFUSED = frozenset({errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
 
 
@@ -100,6 +109,8 @@ class TcpConnection:
             self.pump()
         finally:
             context.events[f"tcp_closed_{flow.close_reason or 'error'}"] += 1
+            for stat in RECOVERY_STATS:
+                context.events[f"tcp_{stat}"] += flow.stats[stat]
             if not self.established_counted:
                 context.budget.half_open(self.guest.vm, -1)
             context.budget.release(self.guest.vm, Proto.TCP)

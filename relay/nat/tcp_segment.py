@@ -1,8 +1,9 @@
 """TCP segments on the guest side of the NAT: parse and build, checksums included (sans-IO).
 
 One failure mode: :class:`BadSegment`, whose ``reason`` is a bounded counter label. Options
-other than MSS, window scale and SACK-permitted are skipped; urgent data is ordinary data
-(the urgent pointer is ignored, as RFC 6093 advises and as the newest slirp bug warns).
+other than MSS, window scale, SACK-permitted and SACK blocks are skipped; urgent data is
+ordinary data (the urgent pointer is ignored, as RFC 6093 advises and as the newest slirp bug
+warns).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from relay.packets.headers import IPPROTO_TCP
 FIN, SYN, RST, PSH, ACK, URG = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 _HEADER = struct.Struct("!HHIIBBHHH")
 _PSEUDO = struct.Struct("!4s4sBBH")
-OPT_END, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERMITTED = 0, 1, 2, 3, 4
+OPT_END, OPT_NOP, OPT_MSS, OPT_WSCALE, OPT_SACK_PERMITTED, OPT_SACK = 0, 1, 2, 3, 4, 5
+MAX_SACK_BLOCKS = 3
+"""RFC 2018: three blocks fit beside other options; we send only these and read at most 4."""
+SackBlocks = tuple[tuple[int, int], ...]
 
 
 class BadSegment(RemoteProtocolError):
@@ -37,6 +41,8 @@ class Segment:
     mss: int | None = None
     wscale: int | None = None
     sack_permitted: bool = False
+    sack: SackBlocks = ()
+    """SACK blocks as on the wire: (left edge, right edge) sequence numbers."""
 
     @property
     def seg_len(self) -> int:
@@ -60,16 +66,16 @@ def parse_segment(
         raise BadSegment("TCP data offset out of range", reason="tcp_offset")
     if verify_checksum and _checksum(src_ip, dst_ip, data) != 0:
         raise BadSegment("TCP checksum mismatch", reason="tcp_checksum")
-    mss, wscale, sack = _options(data[20:header_len])
-    return Segment(
-        sport, dport, seq, ack, flags & 0x3F, window, bytes(data[header_len:]), mss, wscale, sack
-    )
+    mss, wscale, sack, blocks = _options(data[20:header_len])
+    payload = bytes(data[header_len:])
+    return Segment(sport, dport, seq, ack, flags & 0x3F, window, payload, mss, wscale, sack, blocks)
 
 
-def _options(options: bytes) -> tuple[int | None, int | None, bool]:
+def _options(options: bytes) -> tuple[int | None, int | None, bool, SackBlocks]:
     mss: int | None = None
     wscale: int | None = None
     sack = False
+    blocks: SackBlocks = ()
     i, end = 0, len(options)
     while i < end:
         kind = options[i]
@@ -88,8 +94,11 @@ def _options(options: bytes) -> tuple[int | None, int | None, bool]:
             wscale = min(body[0], 14)
         elif kind == OPT_SACK_PERMITTED and length == 2:
             sack = True
+        elif kind == OPT_SACK and length in (10, 18, 26, 34):
+            edges = struct.unpack(f"!{(length - 2) // 4}I", body)
+            blocks = tuple(zip(edges[::2], edges[1::2], strict=True))
         i += length
-    return mss, wscale, sack
+    return mss, wscale, sack, blocks
 
 
 def build_segment(src_ip: bytes, dst_ip: bytes, segment: Segment) -> bytes:
@@ -101,6 +110,11 @@ def build_segment(src_ip: bytes, dst_ip: bytes, segment: Segment) -> bytes:
         options += struct.pack("!BBBB", OPT_NOP, OPT_WSCALE, 3, segment.wscale)
     if segment.sack_permitted:
         options += struct.pack("!BBBB", OPT_NOP, OPT_NOP, OPT_SACK_PERMITTED, 2)
+    if segment.sack:
+        blocks = segment.sack[:MAX_SACK_BLOCKS]
+        options += struct.pack("!BBBB", OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks))
+        for left, right in blocks:
+            options += struct.pack("!II", left & 0xFFFFFFFF, right & 0xFFFFFFFF)
     header_len = 20 + len(options)
     header = _HEADER.pack(
         segment.sport,
