@@ -278,6 +278,10 @@ class TcpFlow:
             self._duplicate_ack(now)
         if seq > self._wl1 or (seq == self._wl1 and ack >= self._wl2):
             opened = window > self._snd_wnd
+            if opened and not self._snd_wnd:
+                # A zero window opens: what it did not ack (the probe byte) lay beyond it and
+                # was dropped, so send from snd_una again rather than leave a hole to repair.
+                self._snd_nxt = self._snd_una
             self._snd_wnd, self._wl1, self._wl2 = window, seq, ack
             if opened or window:
                 self._persist_at = None
@@ -419,6 +423,10 @@ class TcpFlow:
             payload = payload[self._rcv_nxt - seq :]
             seq = self._rcv_nxt
         self._ack_due = True  # every data segment is answered (with what is written)
+        if self._fin_in is not None:
+            # Nothing follows the guest's FIN (RFC 9293 §3.10.7.4: ignore the text); taken, it
+            # would reach the host after the byte stream's end and skew our ACK numbers.
+            return
         if seq > self._rcv_nxt:
             if payload and self._ooo_bytes + len(payload) <= self._rcv_buffer:
                 if len(payload) > len(self._ooo.get(seq, b"")):
@@ -433,7 +441,9 @@ class TcpFlow:
             self._rx += payload
             self._rcv_nxt += len(payload)
             self._drain_out_of_order()
-        if fin and self._fin_in is None and seq + len(payload) == self._rcv_nxt:
+        # The FIN sits at the segment's original ``end``: a FIN on a segment wholly below
+        # rcv_nxt (its payload trimmed away above) is an old one, not a FIN at rcv_nxt.
+        if fin and self._fin_in is None and end == self._rcv_nxt:
             self._fin_in = self._rcv_nxt
             self._rcv_nxt += 1
             self._they_closed_first = not self._fin_sent
