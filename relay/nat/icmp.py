@@ -282,16 +282,16 @@ class IcmpNat:
         idle = self.context.settings.icmp_idle
         async with trio.open_nursery() as nursery:
             while True:
-                with trio.move_on_at(flow.last_used + idle):
+                with trio.move_on_at(flow.last_used + idle) as idle_scope:
                     message = await requests.receive()
-                    try:
-                        self._commands.acquire_on_behalf_of_nowait(message)
-                    except trio.WouldBlock:
-                        self.context.drop("icmp_command_busy", "too many ping processes")
-                        continue
-                    nursery.start_soon(self._ping_command, flow, message)
+                if idle_scope.cancelled_caught:
+                    return
+                try:
+                    self._commands.acquire_on_behalf_of_nowait(message)
+                except trio.WouldBlock:
+                    self.context.drop("icmp_command_busy", "too many ping processes")
                     continue
-                return
+                nursery.start_soon(self._ping_command, flow, message)
 
     async def _ping_command(self, flow: EchoFlow, message: bytes) -> None:
         try:
