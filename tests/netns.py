@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import shutil
 import subprocess
 import sys
@@ -22,21 +21,7 @@ from typing import Any
 import trio
 from conftest import skip_or_fail
 
-ATTACHED = re.compile(r"Attached (\S+) \((\S+)\) to (\S+) as (\S+)")
-DHCP_SCRIPT = """#!/bin/sh
-# udhcpc calls this with the lease in its environment: record it, then configure the link
-# (never /etc/resolv.conf: that file is the host's).
-env | grep -E '^(ip|subnet|router|dns|mtu|domain|lease|serverid)=' > "{out}.$1"
-case "$1" in
-  bound|renew)
-    ip addr flush dev "$interface"
-    ip addr add "$ip/$subnet" dev "$interface"
-    [ -n "$mtu" ] && ip link set dev "$interface" mtu "$mtu"
-    [ -n "$router" ] && ip route replace default via "$router" dev "$interface"
-    ;;
-esac
-exit 0
-"""
+from relay.bench.netns import ATTACHED, DHCP_SCRIPT, unique
 
 
 def require_netns() -> None:
@@ -47,11 +32,6 @@ def require_netns() -> None:
         skip_or_fail("ip (iproute2) is not installed (scripts/test installs it)")
     if not Path("/dev/net/tun").exists():
         skip_or_fail("/dev/net/tun is missing")
-
-
-def unique(prefix: str) -> str:
-    """``prefix`` and 8 random hex digits: "rt…" names fit IFNAMSIZ (15 characters)."""
-    return f"{prefix}{secrets.token_hex(4)}"
 
 
 def sh(*cmd: str, timeout: float = 30, check: bool = True) -> subprocess.CompletedProcess[str]:

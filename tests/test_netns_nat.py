@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import trio
 from conftest import relay_url, require_tool
-from lossy import LossyForwarder
 from netns import Netns, Tap, namespaces, sh, tap_into, unique
 from test_netns_lan import relay_config, start_relay_in
 
+from relay.bench.lossy import LossyForwarder
+from relay.bench.netns import wait_listening
 from relay.config import RelayConfig
 from relay.nat.limits import NatLimits
 from relay.nat.service import Nat
@@ -86,23 +87,10 @@ async def internet(ns: Netns, www: Path) -> AsyncIterator[None]:
                 done = await trio.run_process(dig, capture_stdout=True, check=False)
                 if b"192.0.2.55" in done.stdout:
                     break
-        await until_listening(SERVER, IPERF_PORT)
+        await wait_listening(SERVER, IPERF_PORT, "iperf3 -s")
         yield
     finally:
         sh("ip", "link", "del", outer, check=False)
-
-
-async def until_listening(host: str, port: int) -> None:
-    """Another process's server has bound its port (no event exists for that: poll)."""
-    with trio.fail_after(15):
-        while True:
-            try:
-                stream = await trio.open_tcp_stream(host, port)
-            except OSError:
-                await trio.sleep(0.05)
-                continue
-            await stream.aclose()
-            return
 
 
 def big_file(directory: Path, size: int) -> str:

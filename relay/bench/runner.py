@@ -1,4 +1,4 @@
-"""``relay bench``'s command line: ``switch`` (the default) and ``sessions``.
+"""``relay bench``'s command line: ``switch`` (the default), ``sessions`` and ``nat``.
 
 ``relay bench`` with no subcommand, or with options only (``scripts/bench --pairs 2``), runs
 ``switch``, as it did before there were subcommands.
@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from relay.bench import sessions, switch_report
+from relay.bench import nat_report, sessions, switch_report
+from relay.bench.nat import NatParams, run_nat
 from relay.bench.procs import BenchError, json_safe
 from relay.bench.sessions import SessionsParams, run_sessions
 from relay.bench.switch import SwitchParams, run_switch
@@ -130,15 +131,54 @@ def _sessions_parser(sub: Any) -> None:
     _json_option(parser)
 
 
+def _nat_parser(sub: Any) -> None:
+    parser: argparse.ArgumentParser = sub.add_parser(
+        "nat",
+        help="TCP through the NAT against the client-path ceiling and slirp4netns (root)",
+        description="Goodput and CPU per GB of TCP through the relay's NAT (iperf3 both ways, "
+        "an HTTP download), beside the relay's client-path ceiling (two VMs through its "
+        "switch), slirp4netns, and the NAT over a lossy client path (iperf3 only), with real "
+        "Linux stacks in network namespaces. Needs root and iperf3, curl, udhcpc, "
+        "slirp4netns, iproute2; everything it makes is removed on exit. Targets are "
+        "reported, not enforced.",
+    )
+    defaults = NatParams()
+    parser.add_argument(
+        "--seconds", type=int, default=defaults.seconds, help="iperf3 --time (default 10)"
+    )
+    parser.add_argument(
+        "--http-mb",
+        type=int,
+        default=defaults.http_mb,
+        help="MiB of the file downloaded over HTTP (default 200)",
+    )
+    parser.add_argument(
+        "--loss",
+        type=float,
+        default=defaults.loss,
+        help="share of datagrams dropped each way on the lossy client path (default 0.05)",
+    )
+    parser.add_argument(
+        "--slirp-mtu",
+        type=int,
+        default=defaults.slirp_mtu,
+        help=f"slirp4netns --mtu (default {defaults.slirp_mtu}, its own; the guests' is 936)",
+    )
+    parser.add_argument("--skip-slirp", action="store_true", help="no slirp4netns comparison")
+    parser.add_argument("--skip-loss", action="store_true", help="no lossy-path measurement")
+    _json_option(parser)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="relay bench",
         description="Benchmarks of the relay on 127.0.0.1 (not part of the test run). "
-        "Without a subcommand: switch.",
+        "Without a subcommand: switch. nat needs root (network namespaces).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="{switch,sessions}")
+    sub = parser.add_subparsers(dest="command", metavar="{switch,sessions,nat}")
     _switch_parser(sub)
     _sessions_parser(sub)
+    _nat_parser(sub)
     return parser
 
 
@@ -156,6 +196,20 @@ def run(args: argparse.Namespace, out: TextIO | None = None) -> dict[str, Any]:
             )
         )
         emit_report(report, sessions.format_report, args.json_out, out)
+    elif args.command == "nat":
+        report = run_nat(
+            NatParams(
+                seconds=args.seconds,
+                http_mb=args.http_mb,
+                loss=args.loss,
+                slirp=not args.skip_slirp,
+                lossy=not args.skip_loss,
+                slirp_mtu=args.slirp_mtu,
+            )
+        )
+        emit_report(report, nat_report.format_report, args.json_out, out)
+        if report["errors"]:
+            raise BenchError(f"{len(report['errors'])} measurement(s) failed: see the report")
     else:
         report = run_switch(
             SwitchParams(
