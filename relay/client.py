@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 
 from relay.errors import RelayError
 from relay.lan.paths import Framing, parse_path
+from relay.quic import congestion
 from relay.quic.datagram_queue import DatagramQueue
 from relay.quic.pump import max_datagram_payload, transmit
 from relay.wire.codec import (
@@ -415,6 +416,7 @@ async def connect(
         is_client=True,
         alpn_protocols=H3_ALPN,
         max_datagram_frame_size=65536,
+        congestion_control_algorithm=congestion.NAME,
         max_datagram_size=max_datagram_size,
         server_name=host,
     )

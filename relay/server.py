@@ -31,6 +31,7 @@ from relay.ops.api import HttpApp
 from relay.ops.http import serve_http
 from relay.ops.metrics import Totals
 from relay.ops.notify import Notifier, run_watchdog
+from relay.quic import congestion
 from relay.quic.connection import QuicPeer
 from relay.quic.endpoint import AdmissionLimits, Endpoint
 from relay.session.core import Timeouts
@@ -108,6 +109,7 @@ def quic_configuration(config: RelayConfig, identity: TlsIdentity) -> QuicConfig
         is_client=False,
         alpn_protocols=H3_ALPN,
         max_datagram_frame_size=65536,
+        congestion_control_algorithm=congestion.NAME,
         idle_timeout=config.idle_timeout,
         max_datagram_size=config.max_datagram_size,
     )

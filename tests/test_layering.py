@@ -36,6 +36,8 @@ SANS_IO = [
     "relay.nat.settings",
     "relay.nat.tcp",
     "relay.nat.tcp_segment",
+    "relay.nat.tcp_scoreboard",
+    "relay.delivery_rate",
 ]
 
 

@@ -690,6 +690,59 @@ def test_guest_sack_blocks_guide_the_retransmission_of_a_second_hole() -> None:
     assert guest.received == bytes(data[: 8 * MSS]) and guest.kept == {}
 
 
+def test_a_lost_fast_retransmission_is_resent_after_two_round_trips_not_the_rto() -> None:
+    """The second segment lost and its fast retransmission too, every later one SACKed: no
+    duplicate ACK is left to tell, so a timer two round trips after the retransmission resends
+    it, long before the RTO, and recovery ends without a timeout."""
+    data = pattern(6 * MSS, seed=21)
+    flow, guest = establish()
+    flow.upstream_data(data[:MSS], T0)
+    guest.receive(emit(flow, T0))
+    flow.guest_segment(guest.segment(), T0 + 0.01)  # a round trip of 10 ms measured
+    flow.upstream_data(data[MSS:], T0 + 0.02)
+    out = emit(flow, T0 + 0.02)
+    assert len(out) == 5
+    now = T0 + 0.03
+    resent: list[Segment] = []
+    for segment in out[1:]:
+        guest.receive([segment])
+        flow.guest_segment(guest.segment(), now)
+        resent += emit(flow, now)
+    assert [relay_offset(guest, again) for again in resent] == [1 + MSS]  # and it is lost
+    deadline = flow.next_deadline()
+    assert deadline is not None and deadline < now + SETTINGS.min_rto
+    flow.timer(deadline)
+    (again,) = emit(flow, deadline)
+    assert again == resent[0]
+    assert flow.stats["lost_retransmits"] == 1 and flow.stats["timeouts"] == 0
+    guest.receive([again])
+    flow.guest_segment(guest.segment(), deadline + 0.01)
+    assert guest.received == data
+    assert emit(flow, deadline + 0.01) == []
+
+
+def test_sack_recovery_resends_every_hole_the_window_holds_in_one_round_trip() -> None:
+    """Three holes in a window of ten: once the guest's SACKs show them, recovery resends all
+    three within the same round trip (RFC 6675's pipe), not one per later duplicate ACK."""
+    data = pattern(10 * MSS, seed=22)
+    flow, guest = establish()
+    flow.upstream_data(data, T0)
+    out = emit(flow, T0)
+    assert len(out) == 10
+    lost = {1, 4, 7}
+    resent: list[int] = []
+    for index, segment in enumerate(out):
+        if index in lost:
+            continue
+        guest.receive([segment])
+        flow.guest_segment(guest.segment(), T0 + 0.05)
+        resent += [relay_offset(guest, again) for again in emit(flow, T0 + 0.05)]
+    assert sorted(resent) == [1 + index * MSS for index in sorted(lost)]
+    assert flow.stats["fast_retransmits"] == 1 and flow.stats["timeouts"] == 0
+    guest.receive([out[index] for index in sorted(lost)])
+    assert guest.received == data
+
+
 def test_tail_loss_probe_resends_a_lost_last_segment_before_the_rto() -> None:
     """The last segment of a response lost, nothing after it to cause duplicate ACKs: a probe
     about two round trips later resends it, well before the RTO, keeping the window."""

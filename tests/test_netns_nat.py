@@ -171,6 +171,7 @@ async def iperf(vm: Netns, *extra: str, seconds: int = 3) -> float:
         seconds=seconds + 60,
     )
     report = json.loads(done.stdout)
+    assert "error" not in report, f"iperf3 {' '.join(extra)}: {report['error']}"
     return float(report["end"]["sum_received"]["bits_per_second"]) / 1e6
 
 

@@ -28,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
 
+from relay.delivery_rate import DeliveryRate
+from relay.nat.tcp_scoreboard import Scoreboard
 from relay.nat.tcp_segment import ACK, FIN, MAX_SACK_BLOCKS, PSH, RST, SYN, Segment
 
 MOD = 1 << 32
@@ -142,10 +144,10 @@ class TcpFlow:
         self._ssthresh = 1 << 30
         self._dupacks = 0
         self._recover: int | None = None
-        self._sacked: list[tuple[int, int]] = []  # guest's SACK blocks above snd_una, sorted
-        self._rexmit_next = 0  # in recovery: where the next hole retransmission may start
+        self._board = Scoreboard()  # the guest's SACK blocks; holes resent in recovery
         self._head_rexmit_at: float | None = None  # when snd_una was last resent, in recovery
         self._probe_at: float | None = None  # tail loss probe (RFC 8985 §7, simplified)
+        self._rate = DeliveryRate()
         self._srtt: float | None = None
         self._rttvar = 0.0
         self._rto = settings.initial_rto
@@ -276,6 +278,8 @@ class TcpFlow:
             and self._snd_max > self._snd_una
         ):
             self._duplicate_ack(now)
+        delivered = self._snd_una + self._board.sacked_bytes()
+        self._rate.on_delivered(delivered, now)
         if seq > self._wl1 or (seq == self._wl1 and ack >= self._wl2):
             opened = window > self._snd_wnd
             if opened and not self._snd_wnd:
@@ -295,16 +299,18 @@ class TcpFlow:
         self._snd_una = ack
         if self._snd_nxt < ack:
             self._snd_nxt = ack
-        self._sacked = [(start, end) for start, end in self._sacked if end > ack]
+        self._board.acked(ack)
         self._retries = 0
         if self._recover is not None:
             if ack >= self._recover:
                 self._cwnd = self._ssthresh  # full ACK: recovery over
                 self._recover = None
                 self._head_rexmit_at = None
-            else:  # partial ACK: the next hole is lost too
+                self._board.end_recovery()
+            elif self._board.blocks:  # partial ACK: the holes above are resent by the pipe
+                self._head_rexmit_at = self._board.resent_at.get(ack)
+            else:  # partial ACK, nothing SACKed above (NewReno): the next segment is lost too
                 self._retransmit_first(now)
-                self._rexmit_next = max(self._rexmit_next, ack + self.mss)
                 self._cwnd = max(self.mss, self._cwnd - acked + self.mss)
         elif self._cwnd < self._ssthresh:
             self._cwnd += min(acked, self.mss)
@@ -320,29 +326,35 @@ class TcpFlow:
         self.stats["dup_acks"] += 1
         if self._dupacks == 3 and self._recover is None:
             flight = self._snd_max - self._snd_una
-            self._ssthresh = max(flight // 2, 2 * self.mss)
-            self._cwnd = self._ssthresh + 3 * self.mss
+            self._ssthresh = self._rate.loss_window(flight, 2 * self.mss)
+            # With SACK the pipe estimate (RFC 6675) paces recovery; without, NewReno's
+            # inflation by the three segments that left the network.
+            self._cwnd = self._ssthresh + (0 if self._board.blocks else 3 * self.mss)
             self._recover = self._snd_max
             self._probe_at = None
             self.stats["fast_retransmits"] += 1
             self._retransmit_first(now)
-            self._rexmit_next = self._snd_una + self.mss
         elif self._dupacks > 3:
-            self._cwnd += self.mss
+            if not self._board.blocks:
+                self._cwnd += self.mss
             if self._head_retransmit_lost(now):
                 self.stats["lost_retransmits"] += 1
                 self._retransmit_first(now)
-            else:
-                self._retransmit_hole()
 
     def _arm_probe(self, now: float) -> None:
         """Two round trips after the last progress, resend the first unacked segment: by then
         it is lost (a hole below SACKed data, or a tail nothing followed), and the probe
-        repairs it without the RTO's wait and its collapse of the congestion window."""
+        repairs it without the RTO's wait and its collapse of the congestion window. In
+        recovery the same wait runs from the head's retransmission: when that copy is lost
+        too and everything after it is SACKed, no duplicate ACK is left to say so."""
         self._probe_at = None
-        if self._srtt is None or self._recover is not None or self._snd_max <= self._snd_una:
+        if self._srtt is None or self._snd_max <= self._snd_una:
             return
         wait = max(2 * self._srtt, MIN_PROBE)
+        if self._recover is not None:
+            if self._head_rexmit_at is not None:
+                self._probe_at = self._head_rexmit_at + wait
+            return
         if self._snd_max - self._snd_una <= self.mss:
             wait += DELAYED_ACK
         probe_at = now + wait
@@ -351,7 +363,12 @@ class TcpFlow:
 
     def _on_probe(self, now: float) -> None:
         self._probe_at = None
-        if self._recover is None and self._snd_max > self._snd_una and self._snd_wnd:
+        if self._snd_max <= self._snd_una:
+            return
+        if self._recover is not None:
+            self.stats["lost_retransmits"] += 1
+            self._retransmit_first(now)
+        elif self._snd_wnd:
             self.stats["tail_probes"] += 1
             self.stats["retransmits"] += 1
             self._timed = None
@@ -366,43 +383,28 @@ class TcpFlow:
         return now - self._head_rexmit_at > 1.5 * self._srtt + REORDER_SLACK
 
     def _update_scoreboard(self, segment: Segment) -> None:
-        """Merge the guest's SACK blocks (those inside what is in flight) into ``_sacked``."""
-        blocks = list(self._sacked)
+        """Take the guest's SACK blocks that lie inside what is in flight."""
+        blocks = []
         for left, right in segment.sack:
             start, end = self._offset_out(left), self._offset_out(right)
             if self._snd_una <= start < end <= self._snd_max:
                 blocks.append((start, end))
-        blocks.sort()
-        merged: list[tuple[int, int]] = []
-        for start, end in blocks:
-            if merged and start <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-            else:
-                merged.append((start, end))
-        self._sacked = merged[:64]
-
-    def _retransmit_hole(self) -> None:
-        """In recovery, one duplicate ACK more: resend the next hole below the highest SACKed
-        byte (RFC 6675's NextSeg, simplified), if the guest's blocks show one."""
-        offset = max(self._rexmit_next, self._snd_una)
-        for start, end in self._sacked:
-            if offset < start:
-                size = min(self.mss, start - offset)
-                self.stats["retransmits"] += 1
-                self.stats["sack_retransmits"] += 1
-                self._out.append(self._data_segment(offset, size))
-                self._rexmit_next = offset + size
-                return
-            offset = max(offset, end)
+        if blocks:
+            self._board.add(blocks)
 
     def _retransmit_first(self, now: float) -> None:
         """Send the segment at ``snd_una`` again, now."""
         self._timed = None
         self._head_rexmit_at = now
         self.stats["retransmits"] += 1
-        self._out.append(self._data_segment(self._snd_una, self.mss))
+        segment = self._data_segment(self._snd_una, self.mss)
+        self._out.append(segment)
+        if self._recover is not None:
+            self._board.resent(self._snd_una, max(1, len(segment.payload)), now)
+        self._arm_probe(now)
 
     def _rtt_sample(self, rtt: float) -> None:
+        self._rate.on_rtt(rtt)
         if self._srtt is None:
             self._srtt, self._rttvar = rtt, rtt / 2
         else:
@@ -591,13 +593,14 @@ class TcpFlow:
             self._close("retransmit_limit", reset_upstream=True)
             return
         flight = self._snd_max - self._snd_una
-        self._ssthresh = max(flight // 2, 2 * self.mss)
+        self._ssthresh = self._rate.loss_window(flight, 2 * self.mss)
         self._cwnd = self.mss
         self._recover = None
         self._head_rexmit_at = None
         self._probe_at = None
         self._dupacks = 0
-        self._sacked = []  # RFC 2018: the guest may have dropped what it SACKed
+        self._board.clear()
+        self._rate.restart(self._snd_una, now)
         self._snd_nxt = self._snd_una  # go back: resend from the first unacked byte
         self._pace_until = 0.0
         self.stats["timeouts"] += 1
@@ -690,14 +693,16 @@ class TcpFlow:
 
     def _send_data(self, out: list[Segment], now: float) -> int:
         """New data (and retransmissions after a timeout), within window, cwnd and pacing."""
-        sent = 0
         if now < self._pace_until:
             return 0
         self._pace_until = 0.0
+        sack_recovery = self._recover is not None and bool(self._board.blocks)
+        sent = self._resend_holes(out, now) if sack_recovery else 0
         fin_end = self._tx_end + (1 if self._fin_out else 0)
         while sent < self.settings.max_burst and self._snd_nxt < fin_end:
             flight = self._snd_nxt - self._snd_una
-            usable = min(self._cwnd, self._snd_wnd) - flight
+            pipe = self._board.pipe(self._snd_una, self._snd_nxt) if sack_recovery else flight
+            usable = min(self._cwnd - pipe, self._snd_wnd - flight)
             remaining = self._tx_end - self._snd_nxt
             size = min(self.mss, remaining, usable)
             if remaining > 0 and size <= 0:
@@ -722,6 +727,25 @@ class TcpFlow:
         if sent >= self.settings.max_burst and self._srtt is not None:
             segments_per_rtt = max(1.0, self._cwnd / self.mss)
             self._pace_until = now + self._srtt * sent / segments_per_rtt / 1.25
+        return sent
+
+    def _resend_holes(self, out: list[Segment], now: float) -> int:
+        """In recovery with SACK: resend the holes, lowest first, while the pipe has room."""
+        sent = 0
+        while sent < self.settings.max_burst:
+            hole = self._board.next_hole(self._snd_una, self.mss)
+            if hole is None:
+                break
+            offset, size = hole
+            if self._board.pipe(self._snd_una, self._snd_nxt) + size > self._cwnd:
+                break
+            self.stats["retransmits"] += 1
+            self.stats["sack_retransmits"] += 1
+            out.append(self._data_segment(offset, size))
+            self._board.resent(offset, size, now)
+            if offset == self._snd_una:
+                self._head_rexmit_at = now
+            sent += 1
         return sent
 
     def _enter_time_wait(self, now: float) -> None:
