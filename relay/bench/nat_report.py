@@ -226,8 +226,8 @@ def format_report(report: dict[str, Any]) -> str:
         "  tap-client <-> relay path carries at best. It runs three Python processes (relay and",
         "  two tap clients) where the NAT path runs two, so with few CPUs it can fall below the",
         "  NAT figure. Targets are reported, not enforced.",
-        "* The lossy rows are iperf3 only (no HTTP download): TCP through the NAT is slow under",
-        "  datagram loss.",
+        "* The lossy rows are iperf3 only (no HTTP download). Upload (VM -> inet) is the",
+        "  guest kernel's congestion control answering the loss; download is the relay's.",
     ]
     busy = cpu_bound(found)
     if busy:
