@@ -745,6 +745,7 @@ class TcpFlow:
             self._board.resent(offset, size, now)
             if offset == self._snd_una:
                 self._head_rexmit_at = now
+                self._arm_probe(now)  # its loss, too, is found by the timer
             sent += 1
         return sent
 
