@@ -59,6 +59,8 @@ from relay.wire.reassembly import Reassembler
 log = logging.getLogger("relay.client")
 
 FRAME_QUEUE = 1024
+REGISTER_RESEND = 1.0
+"""Seconds without an answer before Register is sent again (it may have been lost)."""
 
 
 class ClientError(RelayError):
@@ -168,16 +170,20 @@ class RelayClient:
     async def register(self, mac: bytes) -> Assigned:
         """Register ``mac`` and wait for the relay's Assigned (or Error).
 
-        Like the BAVY clients it does not resend Register: wrap it in ``trio.fail_after``.
+        Register travels as a datagram and may be lost; the relay answers a repeated Register
+        with the same Assigned, so it is sent again every ``REGISTER_RESEND`` seconds until
+        one arrives. Bound the whole wait with ``trio.fail_after``.
         """
-        self.send_control(Register(mac))
         while True:
-            message = await self.receive_control()
-            if isinstance(message, Assigned):
-                self.assigned, self.mac = message, mac
-                return message
-            if isinstance(message, Error):
-                raise ClientError(f"relay refused registration: {message.message}")
+            self.send_control(Register(mac))
+            with trio.move_on_after(REGISTER_RESEND):
+                while True:
+                    message = await self.receive_control()
+                    if isinstance(message, Assigned):
+                        self.assigned, self.mac = message, mac
+                        return message
+                    if isinstance(message, Error):
+                        raise ClientError(f"relay refused registration: {message.message}")
 
     async def receive_control(self) -> ControlMessage:
         try:

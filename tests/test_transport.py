@@ -14,7 +14,8 @@ import trio.lowlevel
 from aioquic.quic.packet import encode_quic_version_negotiation
 from conftest import StartRelay, relay_url
 
-from relay.client import ClientError, RelayClient, connect, random_mac
+from relay.bench.lossy import LossyForwarder
+from relay.client import REGISTER_RESEND, ClientError, RelayClient, connect, random_mac
 from relay.packets import build
 from relay.quic.connection import QuicPeer
 from relay.server import Listening
@@ -72,6 +73,36 @@ async def test_register_assigned_bytes_exactly_as_bavy_parses(
     with trio.fail_after(5):
         await client.receive_control()
     assert client.raw_controls[-1] == client.raw_controls[-2]
+    await client.aclose()
+
+
+async def test_a_lost_register_is_sent_again_until_assigned(
+    nursery: trio.Nursery, start_relay: StartRelay
+) -> None:
+    """Register is a datagram: on a lossy path the first may vanish, and the client sends it
+    again (the relay answers a repeat with the same Assigned) instead of waiting for ever."""
+    relay = await start_relay()
+    forwarder = LossyForwarder(relay.addresses[0], loss=0.0)
+    port = await nursery.start(forwarder.run)
+    client = await connect(nursery, f"https://127.0.0.1:{port}/", cert_hash=relay.identity.hash_hex)
+    forwarder.loss = 1.0  # from here every datagram each way is lost
+    registered = trio.Event()
+
+    async def register() -> None:
+        await client.register(random_mac())
+        registered.set()
+
+    sent_before = client.stats.datagrams_sent
+    nursery.start_soon(register)
+    with trio.move_on_after(2.5 * REGISTER_RESEND):  # a window of total loss, not a wait
+        await registered.wait()
+    assert not registered.is_set()
+    assert client.stats.datagrams_sent - sent_before == 3  # at 0, 1 and 2 resend periods
+    assert forwarder.dropped >= 3
+    forwarder.loss = 0.0
+    with trio.fail_after(REGISTER_RESEND + 2):
+        await registered.wait()
+    assert client.assigned is not None
     await client.aclose()
 
 

@@ -32,6 +32,8 @@ class LossyForwarder:
     dropped: int = 0
     send_failed: int = 0
     """Datagrams lost because a socket buffer was full (not chosen by the generator)."""
+    lost_one: trio.Event = field(default_factory=trio.Event)
+    """Set at the first datagram the generator drops (a test's cue that loss has happened)."""
     _random: random.Random = field(init=False)
 
     def __post_init__(self) -> None:
@@ -47,6 +49,7 @@ class LossyForwarder:
     def _lose(self) -> bool:
         if self._random.random() < self.loss:
             self.dropped += 1
+            self.lost_one.set()
             return True
         self.forwarded += 1
         return False
