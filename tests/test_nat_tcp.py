@@ -884,16 +884,36 @@ def test_guest_rst_in_window_resets_upstream() -> None:
 
 
 @pytest.mark.parametrize("position", [-100, 300_000, 2**31])
-def test_guest_rst_out_of_window_is_ignored(position: int) -> None:
-    """RFC 5961: a blind RST (sequence outside the window) gets a challenge ACK, not a reset."""
+def test_guest_rst_out_of_window_is_dropped(position: int) -> None:
+    """RFC 5961: a blind RST outside the window is dropped without an answer."""
     flow, guest = establish()
     flow.guest_segment(guest.segment(RST, position=position), T0)
     assert not flow.closed and not flow.reset_upstream
     assert flow.stats["rst_out_of_window"] == 1
-    (challenge,) = emit(flow, T0)
-    assert challenge.flags == ACK and acked(guest, challenge) == 0
+    assert emit(flow, T0) == []
     flow.guest_segment(guest.send(b"still here"), T0 + 1)
     assert flow.pending_upstream() == b"still here"
+
+
+def test_guest_rst_in_window_but_not_exact_gets_a_challenge_ack_then_the_exact_one_resets() -> None:
+    """RFC 5961: inside the window but not at the expected sequence, an RST gets a challenge
+    ACK; the guest's answer, an RST at that ACK's number, then resets the flow."""
+    flow, guest = establish()
+    flow.guest_segment(guest.segment(RST, position=5000), T0)
+    assert not flow.closed and flow.stats["rst_challenged"] == 1
+    (challenge,) = emit(flow, T0)
+    assert challenge.flags == ACK and acked(guest, challenge) == 0
+    flow.guest_segment(guest.segment(RST, position=acked(guest, challenge)), T0 + 0.01)
+    assert flow.closed and flow.reset_upstream and flow.close_reason == "guest_rst"
+
+
+def test_guest_rst_at_the_acknowledged_sequence_resets_with_data_unwritten() -> None:
+    """Data received but not yet written upstream is not acknowledged: an RST at our ACK
+    number (how a stack answers a challenge ACK) is exact too."""
+    flow, guest = establish()
+    flow.guest_segment(guest.send(b"unwritten"), T0)
+    flow.guest_segment(guest.segment(RST, position=0), T0 + 0.01)
+    assert flow.closed and flow.close_reason == "guest_rst"
 
 
 def test_upstream_reset_resets_the_guest() -> None:

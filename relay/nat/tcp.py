@@ -13,10 +13,12 @@ socket and shuttles bytes. What users feel is here, so it is built for loss:
   we keep, so the guest's stack repairs several losses per round trip (and Linux may use
   RACK and tail loss probes); its SACK blocks tell us which holes to resend first;
 * towards the guest: its window (scaled if both sides agreed), slow start and congestion
-  avoidance, RFC 6298 RTO with Karn's rule and backoff, NewReno fast retransmit and
-  recovery, SACK-guided retransmission of holes, zero-window probes, and pacing in bursts
-  so an emulated NIC with a small RX ring is not flooded;
-* FIN half-close both ways, RST both ways, a short TIME_WAIT, idle and half-open timeouts.
+  avoidance, RFC 6298 RTO with Karn's rule and backoff, fast retransmit with RFC 6675
+  pipe-based SACK recovery (NewReno without SACK), a loss response sized from the delivery
+  rate (:mod:`relay.delivery_rate`), zero-window probes, and pacing in bursts so an
+  emulated NIC with a small RX ring is not flooded;
+* FIN half-close both ways, RST both ways (RFC 5961's exact-sequence rule for the guest's),
+  a short TIME_WAIT, idle and half-open timeouts.
 
 Sequence numbers are kept as unbounded offsets from each side's initial number (the SYN is
 offset 0), so no comparison anywhere has to think about wrap-around.
@@ -242,13 +244,19 @@ class TcpFlow:
             self._receive(seq, segment.payload, bool(flags & FIN), now)
 
     def _guest_rst(self, seq: int) -> None:
-        """RFC 5961: only an RST inside the window counts; otherwise a challenge ACK."""
+        """RFC 5961 §3.2: an RST resets only at exactly the next expected sequence (what we
+        received, or what we acknowledged: the guest answers a challenge ACK with an RST at
+        its ACK number); elsewhere in the window it gets a challenge ACK, outside it is
+        dropped. A blind attacker must then guess the sequence exactly."""
+        acked = self._rcv_written + (1 if self._fin_in_acked else 0)
         right = self._rcv_written + self._rcv_buffer
-        if self._rcv_nxt - 1 <= seq < max(right, self._rcv_nxt + 1):
+        if seq in (self._rcv_nxt, acked):
             self._close("guest_rst", reset_upstream=True)
+        elif acked <= seq < max(right, self._rcv_nxt + 1):
+            self.stats["rst_challenged"] += 1
+            self._ack_due = self._established
         else:
             self.stats["rst_out_of_window"] += 1
-            self._ack_due = self._established
 
     def _ack(self, segment: Segment, seq: int, now: float) -> bool:
         """Process the ACK field; False if the segment must be dropped."""
