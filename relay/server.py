@@ -24,7 +24,7 @@ from relay.lan.leases import LeaseDatabase
 from relay.lan.network import Lans
 from relay.lan.paths import Framing, parse_path
 from relay.nat.host_addresses import host_addresses
-from relay.nat.policy import EgressPolicy, parse_rule
+from relay.nat.policy import Address, EgressPolicy, parse_rule
 from relay.nat.service import Nat
 from relay.nat.settings import IcmpMode, NatSettings
 from relay.ops.api import HttpApp
@@ -95,13 +95,18 @@ def make_nat(config: RelayConfig) -> Nat | None:
     policy = EgressPolicy(
         allow=[parse_rule(text) for text in config.egress_allow],
         deny=[parse_rule(text) for text in config.egress_deny],
-        # Loopback is in the table already (and its own reason is clearer in the counters).
-        host_addresses=[address for address in host_addresses() if not address.is_loopback],
+        host_addresses=own_addresses(),
     )
     settings = NatSettings(
         mtu=config.guest_mtu, icmp_mode=IcmpMode(config.icmp_mode), limits=config.nat_limits
     )
-    return Nat(policy, settings)
+    return Nat(policy, settings, read_host_addresses=own_addresses)
+
+
+def own_addresses() -> frozenset[Address]:
+    """This host's addresses but loopback, which the table denies already (and whose own
+    reason is clearer in the counters)."""
+    return frozenset(address for address in host_addresses() if not address.is_loopback)
 
 
 def quic_configuration(config: RelayConfig, identity: TlsIdentity) -> QuicConfiguration:

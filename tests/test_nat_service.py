@@ -16,7 +16,7 @@ from relay.gateway.core import GATEWAY_MAC
 from relay.lan.port_security import Binding
 from relay.nat.icmp import detect_mode
 from relay.nat.limits import NatLimits
-from relay.nat.policy import EgressPolicy, parse_rule
+from relay.nat.policy import Address, EgressPolicy, Proto, parse_rule
 from relay.nat.service import Nat
 from relay.nat.settings import IcmpMode, NatSettings
 from relay.packets import build
@@ -215,3 +215,26 @@ async def test_guest_fragments_and_other_protocols_are_counted_drops(
     send(nat, lan, build.ipv4(VM.ip, LOOPBACK, 47, b"gre"))
     assert nat.context.drops["fragment"] == 1 and nat.context.drops["protocol"] == 1
     assert lan.frames == []
+
+
+async def test_host_addresses_are_read_again_and_the_policy_follows(
+    nursery: trio.Nursery,
+) -> None:
+    """An address the host gains after the start (a DHCP renewal, a floating IP) is denied to
+    guests from the next re-read on, and one it loses is released. No traffic: verdicts only."""
+    gained = IPv4Address("192.0.43.10")  # global, so only the host rule can deny it
+    current: dict[str, frozenset[Address]] = {"now": frozenset()}
+
+    def read() -> frozenset[Address]:
+        return current["now"]
+
+    nat = Nat(EgressPolicy(), NatSettings(), read_host_addresses=read)
+    await nursery.start(nat.run)
+    assert nat.policy.check(Proto.TCP, gained, 443).allowed
+    current["now"] = frozenset({gained})
+    await nat.reread_host_addresses(read)  # what the refresh task does every 30 s
+    verdict = nat.policy.check(Proto.TCP, gained, 443)
+    assert not verdict.allowed and verdict.reason == "host_address"
+    current["now"] = frozenset()
+    await nat.reread_host_addresses(read)
+    assert nat.policy.check(Proto.TCP, gained, 443).allowed

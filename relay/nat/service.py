@@ -10,6 +10,7 @@ would: ICMP "administratively prohibited" for a denied destination, RST for TCP 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from ipaddress import IPv4Address
 
 import trio
@@ -19,7 +20,7 @@ from relay.nat.context import NatContext, drop_log, log
 from relay.nat.guest import Guest, GuestLink
 from relay.nat.icmp import IcmpNat, describe, detect_mode
 from relay.nat.limits import FlowBudget
-from relay.nat.policy import EgressPolicy, Proto
+from relay.nat.policy import Address, EgressPolicy, Proto
 from relay.nat.settings import IcmpMode, NatSettings
 from relay.nat.tcp import TcpFlow
 from relay.nat.tcp_flows import TcpConnection, TcpKey, reset_for, tcp_settings
@@ -34,9 +35,15 @@ ETH = 14
 class Nat:
     """ICMP, UDP and TCP flows of every LAN, under one policy and one budget."""
 
-    def __init__(self, policy: EgressPolicy, settings: NatSettings | None = None) -> None:
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        settings: NatSettings | None = None,
+        read_host_addresses: Callable[[], frozenset[Address]] | None = None,
+    ) -> None:
         self.settings = settings or NatSettings()
         self.policy = policy
+        self._read_host_addresses = read_host_addresses
         self.context = NatContext(self.settings, FlowBudget(self.settings.limits))
         self.icmp_mode = detect_mode(self.settings.icmp_mode)
         self.icmp = IcmpNat(self.context, self.icmp_mode)
@@ -53,10 +60,31 @@ class Nat:
             async with trio.open_nursery() as nursery:
                 self.context.nursery = nursery
                 nursery.start_soon(self.icmp.run, name="nat icmp raw")
+                if self._read_host_addresses is not None:
+                    nursery.start_soon(
+                        self._refresh_host_addresses,
+                        self._read_host_addresses,
+                        name="nat host addresses",
+                    )
                 task_status.started(self)
                 await trio.sleep_forever()
         finally:
             self.context.nursery = None
+
+    async def _refresh_host_addresses(self, read: Callable[[], frozenset[Address]]) -> None:
+        """Keep the policy's "host's own addresses" current: a guest must not reach the relay
+        host through an address it gained after the start."""
+        while True:
+            await trio.sleep(self.settings.host_address_refresh)
+            await self.reread_host_addresses(read)
+
+    async def reread_host_addresses(self, read: Callable[[], frozenset[Address]]) -> None:
+        current = await trio.to_thread.run_sync(read)  # may resolve the host name
+        if current != self.policy.host_addresses:
+            added = sorted(map(str, current - self.policy.host_addresses))
+            gone = sorted(map(str, self.policy.host_addresses - current))
+            log.info("NAT: host addresses changed (denied now: +%s, -%s)", added, gone)
+            self.policy = self.policy.with_host_addresses(current)
 
     # -- from the switch task ----------------------------------------------------------------
 

@@ -31,4 +31,6 @@ class NatSettings:
     tcp_connect_timeout: float = 20.0
     """A host connect not done by then: ICMP host unreachable to the guest."""
     icmp_mode: IcmpMode = IcmpMode.AUTO
+    host_address_refresh: float = 30.0
+    """Seconds between re-reads of the host's own addresses (a DHCP renewal may change them)."""
     limits: NatLimits = field(default_factory=NatLimits)
