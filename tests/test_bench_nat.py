@@ -45,6 +45,8 @@ def synthetic() -> dict[str, dict[str, Any]]:
         "slirp_up": figure(800, 400, slirp4netns=4.0),
         "slirp_down": figure(2000, 400, slirp4netns=4.0),
         "slirp_http": figure(1500, 200, slirp4netns=2.0),
+        "path_up": figure(80, 50, relay=4.0, tap=3.0, forwarder=1.0),
+        "path_down": figure(50, 30, relay=3.0, tap=2.0, forwarder=1.0),
         "loss_up": figure(2.0, 1, relay=0.5, tap=0.4, forwarder=0.1),
         "loss_down": figure(40.0, 25, relay=2.0, tap=1.0, forwarder=0.3),
     }
@@ -119,10 +121,12 @@ def test_target_rows_from_one_run() -> None:
     assert rows["slirp_cpu_s_per_gb"]["value"] == pytest.approx(10.0)
     assert rows["relay_cpu_vs_slirp"]["value"] == pytest.approx(9.0)
     assert rows["relay_cpu_vs_slirp"]["status"] == "info"
-    assert rows["loss_vs_lossfree_up"]["value"] == pytest.approx(0.02)
+    assert rows["loss_vs_lossfree_up"]["value"] == pytest.approx(2 / 80)
     assert rows["loss_vs_lossfree_up"]["status"] == "FAIL"
-    assert rows["loss_vs_lossfree_down"]["value"] == pytest.approx(40 / 60)
+    assert rows["loss_vs_lossfree_down"]["value"] == pytest.approx(40 / 50)
     assert rows["loss_vs_lossfree_down"]["status"] == "PASS"
+    assert rows["loss_vs_direct_down"]["value"] == pytest.approx(40 / 60)
+    assert rows["loss_vs_direct_down"]["status"] == "info"
 
 
 def test_missing_figures_make_their_rows_not_applicable() -> None:
@@ -138,7 +142,8 @@ def test_missing_figures_make_their_rows_not_applicable() -> None:
     assert rows["relay_cpu_vs_slirp"]["status"] == "n/a"
     assert "slirp_up skipped" in rows["relay_cpu_vs_slirp"]["why"]
     assert rows["slirp_cpu_s_per_gb"]["status"] == "n/a"
-    assert rows["loss_vs_lossfree_down"]["status"] == "n/a"
+    assert rows["loss_vs_lossfree_down"]["status"] == "PASS"  # its own baseline is there
+    assert rows["loss_vs_direct_down"]["status"] == "n/a"
     text = format_report(report_of(found, errors, skipped))
     assert "NAT TCP inet -> VM                FAILED (see below)" in text
     assert "slirp4netns VM -> inet            skipped" in text

@@ -267,7 +267,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "ceiling": ("ceiling_up", "ceiling_down"),
     "nat": ("nat_up", "nat_down", "nat_http"),
     "slirp": ("slirp_up", "slirp_down", "slirp_http"),
-    "loss": ("loss_up", "loss_down"),
+    "loss": ("path_up", "path_down", "loss_up", "loss_down"),
 }
 """The measurements of each stage, in the order they run (see :data:`MEASUREMENTS`)."""
 
@@ -373,14 +373,16 @@ class Bench:
 
         async def lossy_path() -> None:
             host, port = relay.url.removeprefix("https://").rsplit(":", 1)
-            lossy = LossyForwarder((host, int(port)), p.loss, seed=p.seed)
+            lossy = LossyForwarder((host, int(port)), 0.0, seed=p.seed)
             forward_port = await nursery.start(lossy.run)
             vm3 = await attach_vm(res, "loss", relay, f"https://{HOST}:{forward_port}/")
             vm3.pids["forwarder"] = os.getpid()
+            await self.transfers("path", vm3, INET_SERVER, relay)  # the baseline: no loss
+            lossy.loss = p.loss
             before = lossy.counts()
             await self.transfers("loss", vm3, INET_SERVER, relay)
             after = lossy.counts()
-            for name in STAGES["loss"]:
+            for name in ("loss_up", "loss_down"):
                 if name in self.found:
                     self.found[name]["forwarder"] = {k: after[k] - before[k] for k in after}
 
