@@ -26,6 +26,8 @@ NAME = "relay-westwood"
 
 
 class LossTolerantCongestionControl(QuicCongestionControl):
+    """aioquic's Reno, but a loss sizes the window from the delivery rate (see the module)."""
+
     def __init__(self, *, max_datagram_size: int) -> None:
         super().__init__(max_datagram_size=max_datagram_size)
         self._datagram = max_datagram_size
