@@ -37,6 +37,7 @@ SANS_IO = [
     "relay.nat.tcp",
     "relay.nat.tcp_segment",
     "relay.nat.tcp_scoreboard",
+    "relay.nat.icmp_echo",
     "relay.delivery_rate",
 ]
 

@@ -27,6 +27,7 @@ from relay.gateway.dns_messages import (
     Upstream,
     is_truncated,
     matches,
+    message_id,
     servfail,
     truncated,
     with_id,
@@ -113,7 +114,7 @@ class DnsForwarder:
 
     async def _forward(self, query: bytes) -> bytes:
         self.stats["queries"] += 1
-        guest_id = int.from_bytes(query[:2], "big")
+        guest_id = message_id(query)
         partial: bytes | None = None  # a TC=1 answer whose TCP retry failed: better than nothing
         for _ in range(self.attempts):
             for upstream in self.upstreams:

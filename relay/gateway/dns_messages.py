@@ -174,6 +174,11 @@ def matches(query: bytes, response: bytes) -> bool:
         return False
 
 
+def message_id(message: bytes) -> int:
+    """The id of a message already checked to have a whole header."""
+    return int.from_bytes(message[:2], "big")
+
+
 def with_id(message: bytes, ident: int) -> bytes:
     """``message`` with its id replaced, so the forwarder can pick its own for upstream."""
     if len(message) < HEADER_SIZE:

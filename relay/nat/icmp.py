@@ -27,7 +27,16 @@ import trio
 from relay.errors import ConfigError
 from relay.nat.context import NatContext, log
 from relay.nat.guest import Guest
-from relay.nat.icmp_command import MAX_PAYLOAD, echo_reply, find_ping, ping_once
+from relay.nat.icmp_command import MAX_PAYLOAD, find_ping, ping_once
+from relay.nat.icmp_echo import (
+    EchoRequest,
+    echo_id,
+    echo_reply,
+    is_echo_reply,
+    parse_echo_request,
+    raw_echo_reply,
+    with_id,
+)
 from relay.nat.policy import Proto
 from relay.nat.settings import IcmpMode
 from relay.packets import build
@@ -140,21 +149,20 @@ class IcmpNat:
 
     def known(self, guest: Guest, packet: bytes, now: float) -> bool:
         """Forward an echo request of an existing flow; False if it needs a new one."""
-        message = _echo_request(packet)
-        if message is None:
+        request = parse_echo_request(packet)
+        if request is None:
             self.context.drop("icmp_unsupported", "ICMP other than echo request")
             return True
-        key = (guest.link.name, guest.ip, _echo_id(message), packet[16:20])
-        flow = self.flows.get(key)
+        flow = self.flows.get(_key(guest, request))
         if flow is None:
             return False
-        self._send(flow, message, now)
+        self._send(flow, request.message, now)
         return True
 
     def open(self, guest: Guest, packet: bytes, now: float) -> None:
         context = self.context
-        message = _echo_request(packet)
-        assert message is not None
+        request = parse_echo_request(packet)
+        assert request is not None
         if self.mode is IcmpMode.OFF:
             context.drop("icmp_unavailable", "no ICMP mode: echo refused")
             guest.send_unreachable(build.UNREACHABLE_ADMIN, packet)
@@ -163,8 +171,8 @@ class IcmpNat:
         if refusal is not None:
             context.drop(f"icmp_{refusal.value}", "ICMP flow refused")
             return
-        key = (guest.link.name, guest.ip, _echo_id(message), packet[16:20])
-        flow = EchoFlow(key, guest, self._next_wire_id(key[3]), now)
+        key = _key(guest, request)
+        flow = EchoFlow(key, guest, self._next_wire_id(request.dst), now)
         if self.mode is IcmpMode.SOCKET:
             try:
                 flow.sock = _open(socket.SOCK_DGRAM)
@@ -187,7 +195,7 @@ class IcmpNat:
         self.flows[key] = flow
         self._by_wire[(flow.dst, flow.wire_id)] = flow
         context.events["icmp_opened"] += 1
-        self._send(flow, message, now)
+        self._send(flow, request.message, now)
 
     def _next_wire_id(self, dst: bytes) -> int:
         for _ in range(0x10000):
@@ -211,7 +219,7 @@ class IcmpNat:
             elif flow.sock is not None:
                 flow.sock.send(message)  # the kernel sets the id and the checksum
             elif self._raw is not None:
-                wire = _with_id(message, flow.wire_id)
+                wire = with_id(message, flow.wire_id)
                 self._raw.sendto(wire, (str(IPv4Address(flow.dst)), 0))
             else:
                 context.drop("icmp_not_ready", "raw ICMP socket not open")
@@ -225,25 +233,23 @@ class IcmpNat:
 
     def _reply(self, flow: EchoFlow, message: bytes) -> None:
         """An echo reply from ``flow.dst``: to the guest, with the guest's id."""
-        if len(message) < 8 or message[0] != build.ICMP_ECHO_REPLY:
+        if not is_echo_reply(message):
             return
         now = trio.current_time()
         if not self.context.budget.take_bytes(flow.guest.vm, "in", len(message), now):
             self.context.drop("icmp_rate_in", "ICMP reply over the VM's byte rate")
             return
         flow.last_used = now
-        reply = _with_id(message, flow.guest_id)
+        reply = with_id(message, flow.guest_id)
         flow.guest.send_packet(flow.dst, IPPROTO_ICMP, reply, self.context.settings.mtu)
         self.context.events["icmp_echo_in"] += 1
 
     def _raw_reply(self, packet: bytes) -> None:
-        if len(packet) < 20:
+        reply = raw_echo_reply(packet)
+        if reply is None:
             return
-        header_len = (packet[0] & 0x0F) * 4
-        message = packet[header_len:]
-        if len(message) < 8 or message[0] != build.ICMP_ECHO_REPLY:
-            return
-        flow = self._by_wire.get((packet[12:16], _echo_id(message)))
+        source, message = reply
+        flow = self._by_wire.get((source, echo_id(message)))
         if flow is not None:
             self._reply(flow, message)
 
@@ -319,22 +325,5 @@ class IcmpNat:
             self._close(flow)
 
 
-def _echo_request(packet: bytes) -> bytes | None:
-    """The ICMP message of ``packet`` if it is a whole echo request with a good checksum."""
-    header_len = (packet[0] & 0x0F) * 4
-    message = packet[header_len:]
-    if len(message) < 8 or message[0] != build.ICMP_ECHO_REQUEST or message[1] != 0:
-        return None
-    if build.internet_checksum(message) != 0:
-        return None
-    return message
-
-
-def _echo_id(message: bytes) -> int:
-    return (message[4] << 8) | message[5]
-
-
-def _with_id(message: bytes, echo_id: int) -> bytes:
-    """``message`` with another echo id and the checksum recomputed."""
-    body = message[:2] + b"\x00\x00" + echo_id.to_bytes(2, "big") + message[6:]
-    return body[:2] + build.internet_checksum(body).to_bytes(2, "big") + body[4:]
+def _key(guest: Guest, request: EchoRequest) -> EchoKey:
+    return (guest.link.name, guest.ip, request.echo_id, request.dst)

@@ -15,8 +15,6 @@ import subprocess
 
 import trio
 
-from relay.packets import build
-
 PROBE_TIMEOUT = 5.0
 MAX_PAYLOAD = 1472
 """``ping -s`` beyond this would fragment on a 1500-byte host path: refused instead."""
@@ -50,8 +48,3 @@ async def ping_once(path: str, dst: str, payload_len: int, wait: int) -> bool:
         )
         return done.returncode == 0
     return False
-
-
-def echo_reply(request: bytes) -> bytes:
-    """The echo reply to the ICMP message ``request``: same id, sequence and payload."""
-    return build.icmp(build.ICMP_ECHO_REPLY, 0, request[4:8], request[8:])

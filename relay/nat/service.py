@@ -95,7 +95,7 @@ class Nat:
         ip = header.ipv4
         assert ip is not None
         packet = frame[ETH : ETH + ip.total_len]
-        if packet[6] & 0x3F or packet[7]:  # MF set or a non-zero offset
+        if ip.fragment:
             self.context.drop("fragment", "guest IP fragments are not forwarded")
             return
         guest = Guest(link, sender.mac, sender.ip)

@@ -56,6 +56,8 @@ class Ipv4:
     header_len: int
     total_len: int
     ports: tuple[int, int] | None
+    fragment: bool = False
+    """More fragments follow, or this is not the first (the NAT forwards whole packets)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,4 +114,4 @@ def _read_ipv4(frame: bytes) -> Ipv4:
         if total_len < header_len + 4:
             raise BadFrame("truncated UDP/TCP header", reason="l4_truncated")
         ports = _PORTS.unpack_from(frame, ETH_HEADER + header_len)
-    return Ipv4(src, dst, proto, header_len, total_len, ports)
+    return Ipv4(src, dst, proto, header_len, total_len, ports, bool(frag & 0x3FFF))
