@@ -7,7 +7,6 @@ would skip a test fails it instead, so nothing CI is meant to run is silently sk
 from __future__ import annotations
 
 import io
-import os
 import shutil
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -17,23 +16,17 @@ from typing import Any
 import pytest
 import trio
 from hypothesis import settings
+from strict import skip_or_fail
 
 from relay.config import RelayConfig
 from relay.server import Listening, serve
 
-STRICT = os.environ.get("RELAY_TEST_STRICT") == "1"
+pytest_plugins = ["pytester"]
 
 # Wall-clock deadlines make property tests flaky on a loaded 2-core CI machine; the examples
 # are bounded by size instead. print_blob lets a failure be replayed exactly.
 settings.register_profile("relay", deadline=None, print_blob=True)
 settings.load_profile("relay")
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip the test, or fail it in strict mode (CI)."""
-    if STRICT:
-        pytest.fail(f"strict mode (RELAY_TEST_STRICT=1): {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def require_tool(name: str) -> str:
@@ -73,14 +66,3 @@ def relay_url(listening: Listening, path: str = "/") -> str:
     host, port = listening.addresses[0]
     host = f"[{host}]" if ":" in host else host
     return f"https://{host}:{port}{path}"
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    """In strict mode a skip of any kind, xfail included, is a failure: CI must run and pass
-    everything it lists (an xfail would hide a real failure)."""
-    outcome = yield
-    report = outcome.get_result()
-    if STRICT and report.skipped:
-        report.outcome = "failed"
-        report.longrepr = f"skipped in strict mode (RELAY_TEST_STRICT=1): {report.longrepr}"
