@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 import trio
 from conftest import skip_or_fail
 
-from relay.bench.netns import ATTACHED, DHCP_SCRIPT, unique
+from relay.bench.netns import ATTACHED, DHCP_SCRIPT, tap_command, unique
 
 
 def require_netns() -> None:
@@ -185,19 +184,7 @@ async def tap_into(
     dev = unique("rt")
     stderr = None if log is None else log.open("ab")
     process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            "-m",
-            "relay",
-            "tap",
-            "--url",
-            url,
-            "--cert-hash",
-            cert_hash,
-            "--dev",
-            dev,
-            *extra,
-        ],
+        tap_command(url, cert_hash, dev, *extra),
         stdout=subprocess.PIPE,
         stderr=stderr,
     )

@@ -210,25 +210,27 @@ class Vm:
     """Processes whose CPU a transfer of this guest costs, by label."""
 
 
+def tap_command(url: str, cert_hash: str, dev: str, *extra: str) -> list[str]:
+    """``relay tap`` attaching a new TAP device ``dev`` to the relay at ``url``."""
+    return [
+        python(),
+        "-m",
+        "relay",
+        "tap",
+        "--url",
+        url,
+        "--cert-hash",
+        cert_hash,
+        "--dev",
+        dev,
+        *extra,
+    ]
+
+
 async def attach_vm(res: Resources, role: str, relay: Server, url: str) -> Vm:
     """A namespace whose interface is a ``relay tap`` device, configured by DHCP."""
     ns, dev = await res.netns(role), unique("rbt")
-    tap = await Child.start(
-        f"tap-{role}",
-        [
-            python(),
-            "-m",
-            "relay",
-            "tap",
-            "--url",
-            url,
-            "--cert-hash",
-            relay.cert_hash,
-            "--dev",
-            dev,
-        ],
-        res.workdir,
-    )
+    tap = await Child.start(f"tap-{role}", tap_command(url, relay.cert_hash, dev), res.workdir)
     res.children.append(tap)
     match = None
     with trio.move_on_after(STARTUP_TIMEOUT):
